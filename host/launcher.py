@@ -1,0 +1,168 @@
+"""Start the runner container, stream its events to a renderer, stop it gracefully on Ctrl-C/SIGTERM.
+
+stdout of the runner carries events (one JSON line each); stderr is shown as log lines. The container
+always goes away afterwards; the runner's exit code becomes the CLI's.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from forge.contract import paths
+from forge.contract.events import Event, Failure, Result, parse_line
+from forge.contract.plan import Plan
+from forge.contract.plan_io import atomic_write_text, dump_plan
+from forge.errors import EngineError
+from forge.host.engine import client
+from forge.host.images import check_image
+from forge.host.mounts import Mounts, build_mounts, container_user, output_dir
+
+STOP_GRACE_SECONDS = 60
+PASSTHROUGH_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+Step = Literal["prepare", "train"]
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    result: Result | None
+    failure: Failure | None
+    mounts: Mounts
+
+
+def run_step(
+    step: Step,
+    plan: Plan,
+    plan_path: Path,
+    on_event: Callable[[Event], None],
+    on_log: Callable[[str], None],
+) -> Outcome:
+    plan_dir = plan_path.resolve().parent
+    mounts = build_mounts(plan, plan_dir)
+    image = check_image(plan.image.name, plan.image.arch)
+    job_file = output_dir(plan, plan_dir) / ".jobs" / f"{step}-forge.yaml"
+    atomic_write_text(job_file, dump_plan(mounts.plan))
+    job_file.chmod(0o644)
+    volumes = {**mounts.volumes, str(job_file): {"bind": paths.JOB_CONFIG, "mode": "ro"}}
+
+    container = _create(step, plan, image.tag, volumes)
+    outcome = Outcome(exit_code=1, result=None, failure=None, mounts=mounts)
+    try:
+        lines: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_read, args=(container, lines), daemon=True)
+        container.start()
+        reader.start()
+        with _graceful_stop(container, on_log):
+            while True:
+                item = lines.get()
+                if item is None:
+                    break
+                stream, text = item
+                event = parse_line(text) if stream == "out" else None
+                if event is None:
+                    on_log(text)
+                    continue
+                if isinstance(event, Result):
+                    outcome.result = event
+                elif isinstance(event, Failure):
+                    outcome.failure = event
+                on_event(event)
+            outcome.exit_code = int(container.wait().get("StatusCode", 1))
+    finally:
+        container.remove(force=True)
+    return outcome
+
+
+def _create(step: Step, plan: Plan, tag: str, volumes: dict):
+    import docker
+    from docker.errors import APIError
+
+    environment = {
+        "HOME": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **({"HF_HUB_OFFLINE": "1"} if plan.model.source.kind != "hub" else {}),
+        **{name: os.environ[name] for name in PASSTHROUGH_SECRETS if os.environ.get(name)},
+    }
+    devices = []
+    if plan.hardware.accelerator == "cuda":
+        ids = [gpu.uuid for gpu in plan.hardware.gpus]
+        devices = [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    try:
+        return client().containers.create(
+            tag,
+            command=[step],
+            volumes=volumes,
+            environment=environment,
+            user=container_user(),
+            init=True,
+            device_requests=devices or None,
+            labels={"dev.forge.step": step, "dev.forge.model": plan.model.name},
+            shm_size="1g",
+            stop_signal="SIGTERM",
+        )
+    except APIError as exc:
+        raise EngineError(f"The engine could not create the runner container: {exc.explanation or exc}",
+                          "Run `forge doctor` to check the engine and images.") from None
+
+
+def _read(container, lines: queue.Queue) -> None:
+    """Split the demultiplexed byte stream into text lines; None marks the end."""
+    pending = {"out": b"", "err": b""}
+    try:
+        for out, err in container.client.api.attach(container.id, stdout=True, stderr=True, stream=True,
+                                                    logs=True, demux=True):
+            for stream, chunk in (("out", out), ("err", err)):
+                if not chunk:
+                    continue
+                *complete, pending[stream] = (pending[stream] + chunk).split(b"\n")
+                for line in complete:
+                    lines.put((stream, line.decode("utf-8", "replace")))
+    finally:
+        for stream, rest in pending.items():
+            if rest:
+                lines.put((stream, rest.decode("utf-8", "replace")))
+        lines.put(None)
+
+
+class _graceful_stop:
+    """First Ctrl-C/SIGTERM: ask the runner to stop (it checkpoints); second: kill it."""
+
+    def __init__(self, container, on_log: Callable[[str], None]) -> None:
+        self.container, self.on_log, self.asked = container, on_log, 0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.asked += 1
+        if self.asked == 1:
+            self.on_log(f"Stopping the runner (it saves its state; up to {STOP_GRACE_SECONDS}s). Again to kill.")
+            threading.Thread(target=self._quietly, args=(self.container.stop,), kwargs={"timeout": STOP_GRACE_SECONDS},
+                             daemon=True).start()
+        else:
+            self.on_log("Killing the runner.")
+            threading.Thread(target=self._quietly, args=(self.container.kill,), daemon=True).start()
+
+    @staticmethod
+    def _quietly(action, **kwargs) -> None:
+        try:
+            action(**kwargs)
+        except Exception:  # the container may already be gone
+            pass

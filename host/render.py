@@ -1,0 +1,116 @@
+"""Everything the host prints: plan summaries, live progress bars from runner events, errors.
+
+Progress and logs go to stderr so that stdout stays clean for `--json`.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from forge.contract.events import Event, Failure, Log, Progress as ProgressEvent, Result, StageFinished, StageStarted
+from forge.contract.plan import Plan
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+class EventRenderer:
+    """One progress bar per runner stage, with the latest metrics beside it."""
+
+    def __init__(self, console: Console = err_console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[stage]:<10}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(compact=True),
+            TextColumn("{task.fields[metrics]}"),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> EventRenderer:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def log(self, line: str) -> None:
+        self.progress.console.print(line, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    def event(self, event: Event) -> None:
+        if isinstance(event, StageStarted):
+            self.tasks[event.stage] = self.progress.add_task(
+                event.stage, total=event.total, stage=event.stage, metrics=""
+            )
+        elif isinstance(event, ProgressEvent):
+            task = self.tasks.get(event.stage)
+            if task is None:
+                task = self.tasks[event.stage] = self.progress.add_task(event.stage, stage=event.stage, metrics="")
+            self.progress.update(task, completed=event.done, total=event.total, metrics=_metrics(event.metrics))
+        elif isinstance(event, StageFinished):
+            task = self.tasks.get(event.stage)
+            if task is not None:
+                total = self.progress.tasks[task].total
+                current = self.progress.tasks[task]
+                metrics = _metrics(event.summary) if event.summary else current.fields["metrics"]
+                self.progress.update(task, completed=current.total if current.total is not None else current.completed,
+                                     metrics=metrics)
+        elif isinstance(event, Log):
+            style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
+            self.progress.console.print(event.message, style=style, markup=False, highlight=False)
+        elif isinstance(event, Failure):
+            print_error(event.message, event.hint, console=self.progress.console)
+        elif isinstance(event, Result):
+            self.progress.console.print(f"[green]✓ {event.step} {event.status}[/green]")
+
+
+def _metrics(values: dict) -> str:
+    return " ".join(f"{key}={_number(value)}" for key, value in values.items())
+
+
+def _number(value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+
+
+def print_error(message: str, hint: str = "", console: Console = err_console) -> None:
+    console.print("Error: " + message, style="bold red", markup=False, highlight=False)
+    if hint:
+        console.print("To fix: " + hint, style="yellow", markup=False, highlight=False)
+
+
+def plan_summary(plan: Plan, path: str) -> None:
+    hw = plan.hardware
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    device = (
+        ", ".join(f"{g.name} ({g.memory_total_mib // 1024} GiB, cc {g.compute_capability})" for g in hw.gpus)
+        if hw.gpus
+        else f"CPU × {hw.cpu_count}, {hw.ram_available_mib / 1024:.1f} GiB RAM free"
+    )
+    table.add_row("goal", plan.goal)
+    table.add_row("hardware", device)
+    table.add_row("image", f"{plan.image.name}")
+    table.add_row("model", f"{plan.model.name} ({plan.model.source.kind}), chat template: {plan.model.chat_template}")
+    table.add_row("data", ", ".join(plan.data.paths))
+    t = plan.train
+    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
+    table.add_row("train", f"LoRA r={t.lora.r} on {','.join(t.lora.target_modules)}; {steps}; "
+                           f"micro-batch {t.micro_batch_size} × {t.gradient_accumulation}; {t.dtype}")
+    table.add_row("output", plan.output.dir)
+    out_console.print(f"[bold green]Wrote {path}[/bold green]")
+    out_console.print(table)
+    out_console.print("[bold]Why:[/bold]")
+    for reason in plan.reasons:
+        out_console.print(f"  • {reason}", markup=False, highlight=False)

@@ -1,0 +1,52 @@
+"""Entry point inside the image. Errors become `error` events; exit codes tell the host what happened."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from forge.contract import paths
+from forge.errors import ForgeError
+from forge.runner import emit, stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forge.runner")
+    parser.add_argument("step", choices=["prepare", "train"])
+    parser.add_argument("--config", type=Path, default=Path(paths.JOB_CONFIG))
+    args = parser.parse_args(argv)
+
+    emit.claim_stdout()
+    warnings.simplefilter("ignore", FutureWarning)  # library deprecation chatter is not the user's problem
+    stop.install()
+    try:
+        from forge.contract.plan_io import load_plan
+
+        plan = load_plan(args.config)
+        if args.step == "prepare":
+            from forge.runner.prepare import prepare
+
+            prepare(plan)
+        else:
+            from forge.runner.train import train
+
+            train(plan)
+        return 0
+    except stop.Stopped:
+        emit.log("Stopped on request; state saved. Rerun the same command to continue.", "warning")
+        return stop.EXIT_RESUMABLE
+    except ForgeError as exc:
+        emit.emit("error", code=exc.code, message=exc.message, hint=exc.hint)
+        return exc.exit_code
+    except Exception as exc:  # a bug, not bad input: keep the traceback for the log
+        traceback.print_exc(file=sys.stderr)
+        emit.emit("error", code="internal", message=f"{type(exc).__name__}: {exc}",
+                  hint="This is a Forge bug; the traceback is in the log above. Please report it.")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Crash-safe checkpoints: written to a temp dir with a checksum manifest, then renamed into place.
+
+A checkpoint without a manifest, or whose files do not match it, is never loaded: `latest_valid`
+skips it with a warning and falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from forge.runner.emit import log
+from forge.runner.hashing import sha256_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resume needs to continue exactly where it stopped."""
+
+    step: int = 0
+    micro_index: int = 0  # micro-batches consumed; the data order is a pure function of (seed, epoch)
+    micro_batch_size: int = 1
+    gradient_accumulation: int = 1
+    history: list[dict] = field(default_factory=list)
+
+
+def save(root: Path, state: TrainState, model, optimizer, scheduler, keep_last: int) -> Path:
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    final = root / f"{PREFIX}{state.step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    files = sorted(path.name for path in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / MANIFEST).write_text(json.dumps({name: sha256_file(tmp / name) for name in files}, indent=1))
+    _fsync(tmp / MANIFEST)
+    shutil.rmtree(final, ignore_errors=True)  # an earlier attempt at the same step, e.g. before a crash
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in all_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def all_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if path.is_dir() and path.name.startswith(PREFIX))
+
+
+def latest_valid(root: Path) -> Path | None:
+    for path in reversed(all_checkpoints(root)):
+        problem = _problem(path)
+        if problem is None:
+            return path
+        log(f"Skipping checkpoint {path.name}: {problem}.", "warning")
+    return None
+
+
+def _problem(path: Path) -> str | None:
+    try:
+        expected = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest (it was interrupted while being written)"
+    for name, digest in expected.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(path / name) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def load(path: Path, model, optimizer, scheduler) -> TrainState:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

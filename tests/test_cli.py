@@ -1,0 +1,107 @@
+"""The `forge` CLI as a user runs it: real subprocesses, so exit codes and stderr are what people see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+
+
+def forge(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forge.host", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=120)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "To fix:" in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+def test_help_for_every_command(tmp_path):
+    for command in ([], ["plan"], ["prepare"], ["train"], ["doctor"], ["images"], ["images", "build"], ["schema"]):
+        result = forge(*command, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "Usage" in result.stdout, command
+
+
+def test_plan_without_gpu_writes_a_cpu_plan_and_says_why(tmp_path):
+    result = forge("plan", "smoke", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "forge-runner:cpu-" in result.stdout and "CPU plan: --cpu was given" in result.stdout
+    assert (tmp_path / "forge.yaml").is_file()
+
+
+def test_schema_is_json(tmp_path):
+    result = forge("schema", cwd=tmp_path)
+    assert json.loads(result.stdout)["title"] == "Plan"
+
+
+def test_missing_data_file(tmp_path):
+    result = forge("plan", "--data", "missing.jsonl", cwd=tmp_path)
+    assert_clean_error(result, 3, "Data file not found", "missing.jsonl")
+
+
+def test_unknown_model(tmp_path):
+    result = forge("plan", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--model", "gpt-17", cwd=tmp_path)
+    assert_clean_error(result, 4, "Unknown model 'gpt-17'", "smollm2-135m-instruct")
+
+
+def test_unknown_goal(tmp_path):
+    result = forge("plan", "finetune-everything", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), cwd=tmp_path)
+    assert_clean_error(result, 2, "Unknown goal", "smoke")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("train:", "train:\n  turbo: true"), "unknown key 'train.turbo'"),
+    (("micro_batch_size: ", "micro_batch_size: two #"), "train.micro_batch_size"),
+])
+def test_malformed_plan(tmp_path, edit, message):
+    assert forge("plan", "smoke", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--cpu", cwd=tmp_path).returncode == 0
+    plan = tmp_path / "forge.yaml"
+    plan.write_text(plan.read_text().replace(*edit, 1))
+    for step in ("prepare", "train"):
+        assert_clean_error(forge(step, cwd=tmp_path), 2, message, "forge.yaml:")
+
+
+def test_missing_plan(tmp_path):
+    assert_clean_error(forge("train", cwd=tmp_path), 2, "No plan at forge.yaml")
+
+
+def test_unreachable_engine(tmp_path):
+    assert forge("plan", "smoke", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--cpu", cwd=tmp_path).returncode == 0
+    result = forge("prepare", cwd=tmp_path, env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
+    assert_clean_error(result, 5, "Cannot reach the Docker engine", "no-engine.sock")
+
+
+def test_data_file_removed_after_planning(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text((EXAMPLES / "alpaca-sample.jsonl").read_text())
+    assert forge("plan", "smoke", "--data", str(data), "--cpu", cwd=tmp_path).returncode == 0
+    data.unlink()
+    assert_clean_error(forge("prepare", cwd=tmp_path), 3, "Data file not found", "data.jsonl")
+
+
+@pytest.mark.docker
+def test_missing_image(tmp_path, engine):
+    assert forge("plan", "smoke", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--cpu", cwd=tmp_path).returncode == 0
+    plan = tmp_path / "forge.yaml"
+    plan.write_text(plan.read_text().replace("name: forge-runner:cpu-", "name: forge-runner:nonexistent-"))
+    assert_clean_error(forge("prepare", cwd=tmp_path), 6, "forge-runner:nonexistent-", "forge images build cpu")
+
+
+def test_host_never_imports_the_ml_stack():
+    code = (
+        "import sys, forge.host.cli, forge.host.launcher, forge.host.doctor, forge.host.images, forge.host.planner;"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,189 @@
+"""plan → prepare → train through the `forge` CLI, against the real engine and CPU image, with a
+graceful stop, a kill -9 of the container mid-training, and resumes; then the adapter generates text."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forge.contract.events import Progress, StageStarted, parse_line
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.docker
+
+TOTAL_STEPS = 24
+SAVE_EVERY = 3
+BAD_ROWS = [b'{"instruction": "broken', b'{"messages": [{"role": "user", "content": "no answer"}]}', b'"just a string"']
+
+
+def forge(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "forge.host", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"})
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, dict, str]:
+    out, err = process.communicate(timeout=timeout)
+    assert "Traceback" not in err, err
+    return process.returncode, json.loads(out.strip().splitlines()[-1]), err
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, engine, model_cache) -> Path:
+    workdir = tmp_path_factory.mktemp("job")
+    data = workdir / "data"
+    data.mkdir()
+    for name in ("alpaca-sample.jsonl", "chat-sample.jsonl"):
+        shutil.copy(EXAMPLES / name, data / name)
+    (data / "bad.jsonl").write_bytes(b"\n".join(BAD_ROWS) + b"\n")
+    plan = subprocess.run(
+        [sys.executable, "-m", "forge.host", "plan", "smoke", "--cpu", *[f"--data={p}" for p in sorted(data.iterdir())]],
+        cwd=workdir, capture_output=True, text=True,
+    )
+    assert plan.returncode == 0, plan.stderr
+    config = yaml.safe_load((workdir / "forge.yaml").read_text())
+    config["train"].update(max_steps=TOTAL_STEPS, save_every=SAVE_EVERY, keep_last=3)
+    (workdir / "forge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def prepared(job) -> dict:
+    code, result, err = finish(forge("prepare", "--json", cwd=job))
+    assert code == 0 and result["status"] == "ok", err
+    return result
+
+
+def test_prepare_accounts_for_every_row(job, prepared):
+    manifest = json.loads(Path(prepared["paths"]["manifest"]).read_text())
+    counts = manifest["counts"]
+    rows_in = sum(1 for p in (job / "data").iterdir() for line in p.read_bytes().splitlines() if line.strip())
+    assert counts["rows_in"] == rows_in == counts["kept"] + counts["rejected"]
+    assert counts["kept"] == counts["train"] + counts["val"] and counts["val"] > 0
+    rejects = [json.loads(line) for line in Path(prepared["paths"]["rejects"]).read_text().splitlines()]
+    assert sorted((r["file"], r["line"], r["reason"]) for r in rejects) == [
+        ("bad.jsonl", 1, "malformed_json"), ("bad.jsonl", 2, "no_assistant_turn"), ("bad.jsonl", 3, "not_an_object")]
+    assert manifest["rejects_by_reason"] == {"malformed_json": 1, "no_assistant_turn": 1, "not_an_object": 1}
+
+    import pyarrow.parquet as pq
+
+    from forge.runner.hashing import sha256_file
+
+    dataset = Path(prepared["paths"]["dataset_dir"])
+    for name, meta in manifest["files"].items():
+        assert sha256_file(dataset / name) == meta["sha256"]
+        assert pq.read_table(dataset / name).num_rows == meta["rows"]
+
+
+def test_prepare_rerun_is_a_cache_hit(job, prepared):
+    code, again, _ = finish(forge("prepare", "--json", cwd=job))
+    assert code == 0 and again["info"]["cached"] == 1
+    assert again["paths"] == prepared["paths"]
+
+
+def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine, smollm2_dir):
+    # 1. SIGTERM to the CLI: the runner checkpoints and exits 75; the container is removed.
+    first = forge("train", "--json", cwd=job)
+    run_dir = _wait_for_step(job, minimum=4)
+    first.send_signal(signal.SIGTERM)
+    code, result, _ = finish(first)
+    assert (code, result["status"]) == (75, "stopped")
+    stopped_at = _latest_checkpoint_step(run_dir)
+    assert stopped_at >= 4
+    assert not _containers(engine)
+
+    # 2. kill -9 the container itself once training has moved past another checkpoint.
+    second = forge("train", "--json", cwd=job)
+    _wait_for_step(job, minimum=stopped_at + SAVE_EVERY + 1, after_stage_starts=2)
+    (container,) = _containers(engine)
+    container.kill(signal="SIGKILL")
+    code, result, _ = finish(second)
+    assert code == 137 and result["status"] == "failed"
+    killed_after = _latest_checkpoint_step(run_dir)
+    assert killed_after > stopped_at
+    assert not _containers(engine)
+
+    # 3. Rerun: resumes from the newest checkpoint and finishes.
+    code, result, err = finish(forge("train", "--json", cwd=job))
+    assert code == 0 and result["status"] == "ok", err
+    assert result["info"]["resumed_from_step"] == killed_after
+    assert result["info"]["steps"] == TOTAL_STEPS
+    runs = _train_runs(run_dir)
+    assert len(runs) == 3
+    assert runs[0][0] == 1 and runs[1][0] == stopped_at + 1 and runs[2][0] == killed_after + 1
+    assert runs[2][-1] == TOTAL_STEPS
+    metrics = json.loads(Path(result["paths"]["metrics"]).read_text())
+    assert [entry["step"] for entry in metrics["history"]] == list(range(1, TOTAL_STEPS + 1))
+
+    # 4. The adapter loads with PEFT and changes what the model says.
+    _generate_with_adapter(smollm2_dir, Path(result["paths"]["adapter"]))
+
+
+def _generate_with_adapter(base_dir: Path, adapter: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        tuned_logits = model(**inputs).logits
+        output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text.strip(), "the adapted model generated nothing"
+    assert not torch.allclose(base_logits, tuned_logits), "the adapter did not change the model"
+
+
+def _events(job: Path) -> list:
+    files = list((job / "forge-out" / "runs").glob("*/events.jsonl"))
+    if not files:
+        return []
+    return [event for line in files[0].read_text().splitlines() if (event := parse_line(line))]
+
+
+def _train_runs(run_dir: Path) -> list[list[int]]:
+    """Step numbers reported by each `forge train` invocation, split at each train stage start."""
+    runs: list[list[int]] = []
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        event = parse_line(line)
+        if isinstance(event, StageStarted) and event.stage == "train":
+            runs.append([])
+        elif isinstance(event, Progress) and event.stage == "train":
+            runs[-1].append(event.done)
+    return runs
+
+
+def _wait_for_step(job: Path, minimum: int, after_stage_starts: int = 1, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = _events(job)
+        starts = [i for i, e in enumerate(events) if isinstance(e, StageStarted) and e.stage == "train"]
+        if len(starts) >= after_stage_starts:
+            recent = events[starts[after_stage_starts - 1]:]
+            if any(isinstance(e, Progress) and e.stage == "train" and e.done >= minimum for e in recent):
+                return next((job / "forge-out" / "runs").iterdir())
+        time.sleep(0.2)
+    raise AssertionError(f"training did not reach step {minimum} within {timeout}s")
+
+
+def _latest_checkpoint_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    return max(steps)
+
+
+def _containers(engine) -> list:
+    return engine.containers.list(all=True, filters={"label": "dev.forge.step=train"})

@@ -1,0 +1,54 @@
+import pytest
+
+from forge.errors import DataError
+from forge.host.detect import detect
+from forge.host.planner import build_plan
+from tests.conftest import EXAMPLES
+from tests.test_detect import DEVICES, Table
+
+DATA = [EXAMPLES / "alpaca-sample.jsonl"]
+
+
+def test_cpu_plan_says_why(tmp_path):
+    plan = build_plan("smoke", "smollm2-135m-instruct", DATA, detect(Table(problem="no NVIDIA driver found")), tmp_path)
+    assert plan.image.name.startswith("forge-runner:cpu-")
+    assert plan.train.dtype == "float32"
+    assert any("no NVIDIA driver found" in reason for reason in plan.reasons)
+    assert any(reason.startswith("Micro-batch") for reason in plan.reasons)
+
+
+@pytest.mark.parametrize("name, cc, memory, arch", DEVICES)
+def test_gpu_plans_pick_the_arch_image_and_bf16(tmp_path, name, cc, memory, arch):
+    plan = build_plan("sft", "smollm2-135m-instruct", DATA, detect(Table((name, cc, memory))), tmp_path)
+    assert plan.image.name.startswith(f"forge-runner:{arch}-")
+    assert plan.train.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("goal", ["sft", "smoke"])
+def test_batches_reach_the_presets_effective_batch(tmp_path, goal):
+    from forge.host.catalog import preset
+
+    small = detect(Table(("NVIDIA L4", "8.9", 23034)))
+    plan = build_plan(goal, "llama-3.2-1b-instruct", DATA, small, tmp_path)
+    effective = preset(goal).train.effective_batch
+    assert plan.train.micro_batch_size * plan.train.gradient_accumulation >= effective
+    assert plan.train.micro_batch_size & (plan.train.micro_batch_size - 1) == 0
+
+
+def test_more_memory_never_means_a_smaller_micro_batch(tmp_path):
+    sizes = [
+        build_plan("sft", "llama-3.2-1b-instruct", DATA, detect(Table(("GPU", "9.0", mib))), tmp_path).train.micro_batch_size
+        for mib in (8000, 24000, 80000)
+    ]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_data_paths_are_stored_relative_to_the_plan(tmp_path):
+    plan = build_plan("smoke", "smollm2-135m-instruct", DATA, detect(Table(problem="x")), tmp_path)
+    assert (tmp_path / plan.data.paths[0]).resolve() == DATA[0].resolve()
+
+
+def test_missing_data_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError) as err:
+        build_plan("smoke", "smollm2-135m-instruct", [tmp_path / "nope.jsonl"], detect(Table(problem="x")), tmp_path)
+    assert "nope.jsonl" in err.value.message and err.value.hint
