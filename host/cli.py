@@ -133,31 +133,41 @@ def images_bootstrap(
 
 
 def _run_step(step: str, config: Path, as_json: bool) -> None:
-    from forge.contract.plan_io import load_plan
-    from forge.host.launcher import run_step
-    from forge.host.render import EventRenderer, out_console
-
-    plan_ = load_plan(config)
-    with EventRenderer() as renderer:
-        outcome = run_step(step, plan_, config, renderer.event, renderer.log)
-    result = outcome.result
-    status = "ok" if outcome.exit_code == 0 and result else ("stopped" if result or outcome.exit_code == 75 else "failed")
+    try:
+        outcome = _launch(step, config)
+    except ForgeError as exc:
+        if as_json:
+            _print_json(step, "failed", exc.exit_code, error={"code": exc.code, "message": exc.message, "hint": exc.hint})
+        raise
+    result, failure = outcome.result, outcome.failure
+    status = "ok" if outcome.exit_code == 0 and result else ("stopped" if outcome.exit_code == 75 else "failed")
     paths = {name: outcome.mounts.host_path(path) for name, path in (result.paths if result else {}).items()}
     if as_json:
-        failure = outcome.failure
-        typer.echo(json.dumps({
-            "step": step,
-            "status": status,
-            "exit_code": outcome.exit_code,
-            "paths": paths,
-            "info": result.info if result else {},
-            "error": {"code": failure.code, "message": failure.message, "hint": failure.hint} if failure else None,
-        }))
+        error = {"code": failure.code, "message": failure.message, "hint": failure.hint} if failure else None
+        _print_json(step, status, outcome.exit_code, paths, result.info if result else {}, error)
     else:
+        from forge.host.render import out_console
+
         for name, path in paths.items():
             out_console.print(f"[bold]{name}[/bold]: {path}", highlight=False)
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
+
+
+def _launch(step: str, config: Path):
+    from forge.contract.plan_io import load_plan
+    from forge.host.launcher import run_step
+    from forge.host.render import EventRenderer
+
+    plan_ = load_plan(config)
+    with EventRenderer() as renderer:
+        return run_step(step, plan_, config, renderer.event, renderer.log)
+
+
+def _print_json(step: str, status: str, exit_code: int, paths: dict | None = None, info: dict | None = None,
+                error: dict | None = None) -> None:
+    typer.echo(json.dumps({"step": step, "status": status, "exit_code": exit_code, "paths": paths or {},
+                           "info": info or {}, "error": error}))
 
 
 class _NoGpu:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,6 +17,10 @@ LABEL_PREFIX = "dev.forge"
 ARCHES = ("cpu", "ampere", "ada", "hopper", "blackwell")
 DEFAULT_LOCAL_BASE = "forge-base:bookworm"
 TORCH_VERSION = "2.13.0"
+# Where each package of the distribution lives in a checkout (pyproject.toml's package-dir).
+PACKAGE_DIRS = {"forge": "forge", "forge.contract": "forge/contract", "forge.host": "host",
+                "forge.runner": "runner", "forge.plans": "plans"}
+SOURCE_SUFFIXES = (".py", ".yaml", ".jinja")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class ImageInfo:
     torch: str
     cuda: str
     size_mb: int
+    source: str
 
 
 def find_context(start: Path | None = None) -> Path:
@@ -47,7 +54,8 @@ def build(arch: str, context: Path, base: str | None, on_line: Callable[[str], N
             f"No Dockerfile for arch {arch!r} ({dockerfile.name} is missing in {context}).",
             f"Build one of: {', '.join(available_arches(context))}.",
         )
-    args = {"FORGE_VERSION": __version__, "TORCH_VERSION": TORCH_VERSION}
+    args = {"FORGE_VERSION": __version__, "TORCH_VERSION": TORCH_VERSION,
+            "FORGE_SOURCE": source_digest({pkg: context / rel for pkg, rel in PACKAGE_DIRS.items()})}
     if base:
         args["BASE_IMAGE"] = base
     if any((context / "wheels").glob(f"torch-{TORCH_VERSION}*.whl")):
@@ -84,6 +92,20 @@ def _build_hint(detail: str, base: str | None) -> str:
     return "Read the build output above; rerun with the same command once fixed (layers are cached)."
 
 
+def source_digest(package_dirs: dict[str, Path]) -> str:
+    """A hash of Forge's own code, so an image built from other sources than the host's is caught."""
+    digest = hashlib.sha256()
+    for package, directory in sorted(package_dirs.items()):
+        for path in sorted(Path(directory).iterdir()):
+            if path.is_file() and path.suffix in SOURCE_SUFFIXES:
+                digest.update(f"{package}/{path.name}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def installed_source_digest() -> str:
+    return source_digest({pkg: Path(str(resources.files(pkg))) for pkg in PACKAGE_DIRS})
+
+
 def available_arches(context: Path) -> list[str]:
     return [arch for arch in ARCHES if (context / f"Dockerfile.{arch}").is_file()]
 
@@ -102,6 +124,7 @@ def _info(image) -> ImageInfo:
         torch=labels.get(f"{LABEL_PREFIX}.torch", "?"),
         cuda=labels.get(f"{LABEL_PREFIX}.cuda", "?"),
         size_mb=int(image.attrs.get("Size", 0) / 1e6),
+        source=labels.get(f"{LABEL_PREFIX}.source", "?"),
     )
 
 
@@ -119,6 +142,12 @@ def check_image(tag: str, arch: str) -> ImageInfo:
             f"Image {tag} is for arch {info.arch!r}, Forge {info.forge_version}; the plan needs arch {arch!r}, "
             f"Forge {__version__}.",
             f"Rebuild it: `forge images build {arch}`.",
+        )
+    if info.source != installed_source_digest():
+        raise ImageError(
+            f"Image {tag} was built from other Forge sources than this host's (source {info.source}, host "
+            f"{installed_source_digest()}), so host and runner could disagree.",
+            f"Rebuild it: `forge images build {arch}` (unchanged layers are cached).",
         )
     return info
 

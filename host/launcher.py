@@ -56,7 +56,7 @@ def run_step(
     try:
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read, args=(container, lines), daemon=True)
-        container.start()
+        _start(container)
         reader.start()
         with _graceful_stop(container, on_log):
             while True:
@@ -112,6 +112,16 @@ def _create(step: Step, plan: Plan, tag: str, volumes: dict):
     except APIError as exc:
         raise EngineError(f"The engine could not create the runner container: {exc.explanation or exc}",
                           "Run `forge doctor` to check the engine and images.") from None
+
+
+def _start(container) -> None:
+    from docker.errors import APIError
+
+    try:
+        container.start()
+    except APIError as exc:
+        raise EngineError(f"The engine could not start the runner container: {exc.explanation or exc}",
+                          "Run `forge doctor`; for GPU plans, check the NVIDIA container toolkit.") from None
 
 
 def _read(container, lines: queue.Queue) -> None:

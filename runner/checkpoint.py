@@ -65,6 +65,9 @@ def all_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_valid(root: Path) -> Path | None:
+    """The newest complete checkpoint. Temp dirs of interrupted saves are removed on the way."""
+    for partial in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)
     for path in reversed(all_checkpoints(root)):
         problem = _problem(path)
         if problem is None:

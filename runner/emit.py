@@ -16,7 +16,7 @@ from typing import IO, Iterator
 from forge.contract.events import Failure, Log, Progress, Result, StageFinished, StageStarted, encode_event
 
 _KINDS = {cls.model_fields["kind"].default: cls for cls in (StageStarted, Progress, StageFinished, Log, Result, Failure)}
-_stream: IO[str] = sys.stdout
+_stream: IO[str] | None = None  # sys.stdout until claim_stdout() moves it aside
 _copies: list[IO[str]] = []
 PROGRESS_INTERVAL_S = 0.25
 
@@ -35,7 +35,7 @@ def also_write_to(path: Path) -> None:
 
 def emit(kind: str, **fields) -> None:
     line = encode_event(_KINDS[kind](ts=time.time(), **fields))
-    for stream in (_stream, *_copies):
+    for stream in (_stream or sys.stdout, *_copies):
         stream.write(line + "\n")
         stream.flush()
 

@@ -52,9 +52,18 @@ def prepare(plan: Plan) -> None:
         return
 
     tokenizer = load_tokenizer(model_dir, plan.model.chat_template)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run of this same job
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_dataset(plan, tokenizer, tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_dataset(plan: Plan, tokenizer, tmp: Path, target: Path) -> None:
     splits, counts, rejects = _tokenize_all(plan, tokenizer, tmp / "rejects.jsonl")
     with stage("write", total=len(SPLITS), unit="files") as progress:
         files = {}

@@ -69,8 +69,11 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path, damage):
     assert json.loads((good / "state.json").read_text())["step"] == 2
 
 
-def test_interrupted_write_leaves_only_a_temp_dir_that_is_ignored(tmp_path):
+def test_interrupted_write_leaves_only_a_temp_dir_that_is_ignored_and_cleaned(tmp_path):
     model, optimizer, scheduler = _tiny()
     good = checkpoint.save(tmp_path, checkpoint.TrainState(step=2), model, optimizer, scheduler, keep_last=3)
-    (tmp_path / ".tmp-step-00000004-99").mkdir()
+    partial = tmp_path / ".tmp-step-00000004-99"
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"half")
     assert checkpoint.latest_valid(tmp_path) == good
+    assert not partial.exists()

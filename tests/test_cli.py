@@ -97,6 +97,34 @@ def test_missing_image(tmp_path, engine):
     assert_clean_error(forge("prepare", cwd=tmp_path), 6, "forge-runner:nonexistent-", "forge images build cpu")
 
 
+@pytest.mark.docker
+def test_image_built_from_other_sources_is_refused(tmp_path, engine):
+    import io
+
+    from forge.host.planner import image_name
+
+    dockerfile = f"FROM {image_name('cpu')}\nLABEL dev.forge.source=0123456789abcdef\n"
+    engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag="forge-runner:stale-test", rm=True)
+    try:
+        assert forge("plan", "smoke", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--cpu", cwd=tmp_path).returncode == 0
+        plan = tmp_path / "forge.yaml"
+        plan.write_text(plan.read_text().replace(f"name: {image_name('cpu')}", "name: forge-runner:stale-test"))
+        assert_clean_error(forge("prepare", cwd=tmp_path), 6, "other Forge sources", "forge images build cpu")
+    finally:
+        engine.images.remove("forge-runner:stale-test", force=True)
+
+
+def test_source_digest_follows_the_code(tmp_path):
+    from forge.host.images import source_digest
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = source_digest({"pkg": tmp_path})
+    (tmp_path / "notes.txt").write_text("not code")
+    assert source_digest({"pkg": tmp_path}) == before
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_digest({"pkg": tmp_path}) != before
+
+
 def test_host_never_imports_the_ml_stack():
     code = (
         "import sys, forge.host.cli, forge.host.launcher, forge.host.doctor, forge.host.images, forge.host.planner;"
