@@ -94,13 +94,20 @@ def images_build(
     from forge.host.images import build, find_context
     from forge.host.render import err_console, out_console
 
+    recent: list[str] = []
     with err_console.status(f"Building {arch} image…") as status:
         def show(line: str) -> None:
-            if line.startswith("Step "):
-                status.update(line[:120])
-            err_console.print(line, style="dim", markup=False, highlight=False)
+            if not line.startswith("Step "):
+                recent[:] = [*recent[-30:], line]
+            else:
+                status.update(line[:100])
+                err_console.print(line[:160], style="dim", markup=False, highlight=False, soft_wrap=True)
 
-        tag = build(arch, find_context(context), base, show)
+        try:
+            tag = build(arch, find_context(context), base, show)
+        except ForgeError:
+            err_console.print("\n".join(recent), style="dim", markup=False, highlight=False, soft_wrap=True)
+            raise
     out_console.print(f"[green]Built {tag}[/green]")
 
 

@@ -17,9 +17,9 @@ LABEL_PREFIX = "dev.forge"
 ARCHES = ("cpu", "ampere", "ada", "hopper", "blackwell")
 DEFAULT_LOCAL_BASE = "forge-base:bookworm"
 TORCH_VERSION = "2.13.0"
-# Where each package of the distribution lives in a checkout (pyproject.toml's package-dir).
-PACKAGE_DIRS = {"forge": "forge", "forge.contract": "forge/contract", "forge.host": "host",
-                "forge.runner": "runner", "forge.plans": "plans"}
+# The packages whose code runs in the image, and where they live in a checkout (pyproject's package-dir).
+# Host-only changes need no rebuild.
+PACKAGE_DIRS = {"forge": "forge", "forge.contract": "forge/contract", "forge.runner": "runner", "forge.plans": "plans"}
 SOURCE_SUFFIXES = (".py", ".yaml", ".jinja")
 
 
@@ -64,7 +64,8 @@ def build(arch: str, context: Path, base: str | None, on_line: Callable[[str], N
     for chunk in _stream(context, dockerfile.name, tag, args):
         if "error" in chunk:
             detail = chunk.get("error", "").strip()
-            raise ImageError(f"Building {tag} failed: {detail}", _build_hint(detail, base))
+            on = f"base {base}" if base else "the Dockerfile's default base"
+            raise ImageError(f"Building {tag} on {on} failed: {detail}", _build_hint(detail))
         text = chunk.get("stream", "") or chunk.get("status", "")
         for line in text.splitlines():
             if line.strip():
@@ -83,8 +84,9 @@ def _stream(context: Path, dockerfile: str, tag: str, args: dict) -> Iterator[di
         raise EngineError(f"The engine refused the build: {exc.explanation or exc}", "See `forge doctor`.") from None
 
 
-def _build_hint(detail: str, base: str | None) -> str:
-    if "pull access denied" in detail or "not found" in detail or "failed to resolve" in detail.lower():
+def _build_hint(detail: str) -> str:
+    markers = ("pull access denied", "not found", "failed to resolve", "registry", "no such host", "manifest unknown")
+    if any(marker in detail.lower() for marker in markers):
         return (
             f"The base image could not be pulled. Without registry access, run `forge images bootstrap` and then "
             f"`forge images build --base {DEFAULT_LOCAL_BASE}`."

@@ -24,6 +24,7 @@ from forge.host.images import check_image
 from forge.host.mounts import Mounts, build_mounts, container_user, output_dir
 
 STOP_GRACE_SECONDS = 60
+OUTPUT_LABEL = "dev.forge.output"
 PASSTHROUGH_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 Step = Literal["prepare", "train"]
 
@@ -51,7 +52,9 @@ def run_step(
     job_file.chmod(0o644)
     volumes = {**mounts.volumes, str(job_file): {"bind": paths.JOB_CONFIG, "mode": "ro"}}
 
-    container = _create(step, plan, image.tag, volumes)
+    out = str(output_dir(plan, plan_dir))
+    _refuse_concurrent_runner(out)
+    container = _create(step, plan, image.tag, volumes, out)
     outcome = Outcome(exit_code=1, result=None, failure=None, mounts=mounts)
     try:
         lines: queue.Queue = queue.Queue()
@@ -79,7 +82,18 @@ def run_step(
     return outcome
 
 
-def _create(step: Step, plan: Plan, tag: str, volumes: dict):
+def _refuse_concurrent_runner(out: str) -> None:
+    """Two runners writing one output dir would corrupt it (e.g. after the host CLI was kill -9'd)."""
+    running = client().containers.list(filters={"label": f"{OUTPUT_LABEL}={out}"})
+    if running:
+        names = ", ".join(f"{c.name} ({c.labels.get('dev.forge.step')})" for c in running)
+        raise EngineError(
+            f"A runner is already working on {out}: container {names}.",
+            f"Wait for it to finish, or stop it (`docker stop {running[0].name}`) and rerun to resume.",
+        )
+
+
+def _create(step: Step, plan: Plan, tag: str, volumes: dict, out: str):
     import docker
     from docker.errors import APIError
 
@@ -105,7 +119,7 @@ def _create(step: Step, plan: Plan, tag: str, volumes: dict):
             user=container_user(),
             init=True,
             device_requests=devices or None,
-            labels={"dev.forge.step": step, "dev.forge.model": plan.model.name},
+            labels={"dev.forge.step": step, "dev.forge.model": plan.model.name, OUTPUT_LABEL: out},
             shm_size="1g",
             stop_signal="SIGTERM",
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, REPO
 
 
 def forge(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -112,6 +112,17 @@ def test_image_built_from_other_sources_is_refused(tmp_path, engine):
         assert_clean_error(forge("prepare", cwd=tmp_path), 6, "other Forge sources", "forge images build cpu")
     finally:
         engine.images.remove("forge-runner:stale-test", force=True)
+
+
+def test_building_an_arch_without_a_dockerfile(tmp_path):
+    result = forge("images", "build", "tensilica", "--context", str(REPO), cwd=tmp_path)
+    assert_clean_error(result, 6, "No Dockerfile for arch 'tensilica'", "cpu")
+
+
+@pytest.mark.docker
+def test_unpullable_base_image_points_at_bootstrap(tmp_path, engine):
+    result = forge("images", "build", "cpu", "--base", "forge-test-no-such-base:1", "--context", str(REPO), cwd=tmp_path)
+    assert_clean_error(result, 6, "forge-test-no-such-base", "forge images bootstrap")
 
 
 def test_source_digest_follows_the_code(tmp_path):

@@ -20,7 +20,7 @@ from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.docker
 
-TOTAL_STEPS = 24
+TOTAL_STEPS = 30
 SAVE_EVERY = 3
 BAD_ROWS = [b'{"instruction": "broken', b'{"messages": [{"role": "user", "content": "no answer"}]}', b'"just a string"']
 
@@ -104,6 +104,7 @@ def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine,
     second = forge("train", "--json", cwd=job)
     _wait_for_step(job, minimum=stopped_at + SAVE_EVERY + 1, after_stage_starts=2)
     (container,) = _containers(engine)
+    _assert_locked_down(container)
     container.kill(signal="SIGKILL")
     code, result, _ = finish(second)
     assert code == 137 and result["status"] == "failed"
@@ -111,20 +112,44 @@ def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine,
     assert killed_after > stopped_at
     assert not _containers(engine)
 
+    # 2b. kill -9 the host CLI instead: its container runs on, and a second runner on the same output is refused.
+    orphaned = forge("train", "--json", cwd=job)
+    _wait_for_step(job, minimum=killed_after + SAVE_EVERY + 1, after_stage_starts=3)
+    orphaned.kill()
+    orphaned.wait()
+    code, result, err = finish(forge("train", "--json", cwd=job))
+    assert code == 5 and result["status"] == "failed" and "already working on" in err
+    (orphan,) = _containers(engine)
+    orphan.kill(signal="SIGKILL")
+    orphan.remove(force=True)
+    killed_after = _latest_checkpoint_step(run_dir)
+
     # 3. Rerun: resumes from the newest checkpoint and finishes.
     code, result, err = finish(forge("train", "--json", cwd=job))
     assert code == 0 and result["status"] == "ok", err
     assert result["info"]["resumed_from_step"] == killed_after
     assert result["info"]["steps"] == TOTAL_STEPS
     runs = _train_runs(run_dir)
-    assert len(runs) == 3
-    assert runs[0][0] == 1 and runs[1][0] == stopped_at + 1 and runs[2][0] == killed_after + 1
-    assert runs[2][-1] == TOTAL_STEPS
+    assert len(runs) == 4
+    assert runs[0][0] == 1 and runs[1][0] == stopped_at + 1 and runs[3][0] == killed_after + 1
+    assert runs[3][-1] == TOTAL_STEPS
     metrics = json.loads(Path(result["paths"]["metrics"]).read_text())
     assert [entry["step"] for entry in metrics["history"]] == list(range(1, TOTAL_STEPS + 1))
 
     # 4. The adapter loads with PEFT and changes what the model says.
     _generate_with_adapter(smollm2_dir, Path(result["paths"]["adapter"]))
+
+
+def _assert_locked_down(container) -> None:
+    """Non-root, an init process, inputs read-only: checked on the live container."""
+    container.reload()
+    user = container.attrs["Config"]["User"]
+    assert user and not user.startswith("0:") and user not in ("0", "root")
+    assert container.attrs["HostConfig"]["Init"] is True
+    mounts = {m["Destination"]: m["RW"] for m in container.attrs["Mounts"]}
+    assert mounts["/out"] is True and mounts["/job/forge.yaml"] is False
+    data = [rw for destination, rw in mounts.items() if destination.startswith("/data/")]
+    assert data and not any(data)
 
 
 def _generate_with_adapter(base_dir: Path, adapter: Path) -> None:
