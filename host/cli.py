@@ -24,13 +24,15 @@ app.add_typer(images_app, name="images")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The plan to run (written by `forge plan`).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="End with one JSON object (status and output paths) on stdout, for CI.")]
+MemoryOption = Annotated[Optional[str], typer.Option("--memory", help="Cap the runner container's memory, e.g. 1g (docker's --memory).")]
 ContextOption = Annotated[Optional[Path], typer.Option("--context", help="Forge checkout holding the Dockerfiles (default: found from the current directory).")]
 
 
 @app.command()
 def plan(
     goal: Annotated[str, typer.Argument(help="Plan preset from plans/presets.yaml: 'sft' (a full epoch) or 'smoke' (a few steps).")] = "sft",
-    data: Annotated[list[Path], typer.Option("--data", "-d", help="Training data (JSONL: Alpaca or OpenAI messages). Repeat for several files.")] = ...,
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data: files or globs (JSONL, JSON arrays, CSV, Parquet; .gz/.zst). Repeat for several.")] = ...,
+    fmt: Annotated[str, typer.Option("--format", help="Row format of these inputs: auto (detected per file), alpaca, sharegpt, messages or prompt_completion.")] = "auto",
     model: Annotated[str, typer.Option("--model", "-m", help="Catalog name (plans/models.yaml) or a local Hugging Face model directory.")] = "smollm2-135m-instruct",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("forge.yaml"),
     cpu: Annotated[bool, typer.Option("--cpu", help="Plan for the CPU image even when a GPU is present.")] = False,
@@ -42,7 +44,7 @@ def plan(
     from forge.host.render import plan_summary
 
     hardware = detect(_NoGpu() if cpu else NvmlProvider())
-    built = build_plan(goal, model, data, hardware, out.resolve().parent)
+    built = build_plan(goal, model, data, hardware, out.resolve().parent, fmt)
     write_plan(built, out)
     plan_summary(built, str(out))
 
@@ -56,15 +58,21 @@ def schema() -> None:
 
 
 @app.command()
-def prepare(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False) -> None:
-    """Run the data pipeline in the runner image: read, render with the chat template, tokenize, split, write Parquet."""
-    _run_step("prepare", config, as_json)
+def prepare(
+    config: ConfigOption = Path("forge.yaml"),
+    as_json: JsonOption = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Ignore the cache and any partial run; redo everything.")] = False,
+    memory: MemoryOption = None,
+) -> None:
+    """Run the data pipeline in the runner image: ingest, clean, dedup, PII scrub, compliance checks, chat
+    template, tokenize, split; Parquet shards, manifest, stats and audit log. Rerun to resume or reuse."""
+    _run_step("prepare", config, as_json, ["--rebuild"] if rebuild else [], memory)
 
 
 @app.command()
-def train(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False) -> None:
+def train(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False, memory: MemoryOption = None) -> None:
     """Train LoRA in the runner image; rerun to resume from the newest checkpoint."""
-    _run_step("train", config, as_json)
+    _run_step("train", config, as_json, [], memory)
 
 
 @app.command()
@@ -139,9 +147,9 @@ def images_bootstrap(
         raise ForgeError(f"Bootstrapping {tag} failed (exit {code}).", "It needs root and debootstrap; read the output above.")
 
 
-def _run_step(step: str, config: Path, as_json: bool) -> None:
+def _run_step(step: str, config: Path, as_json: bool, args: list[str], memory: str | None) -> None:
     try:
-        outcome = _launch(step, config)
+        outcome = _launch(step, config, args, memory)
     except ForgeError as exc:
         if as_json:
             _print_json(step, "failed", exc.exit_code, error={"code": exc.code, "message": exc.message, "hint": exc.hint})
@@ -161,14 +169,14 @@ def _run_step(step: str, config: Path, as_json: bool) -> None:
         raise typer.Exit(outcome.exit_code)
 
 
-def _launch(step: str, config: Path):
+def _launch(step: str, config: Path, args: list[str], memory: str | None):
     from forge.contract.plan_io import load_plan
     from forge.host.launcher import run_step
     from forge.host.render import EventRenderer
 
     plan_ = load_plan(config)
     with EventRenderer() as renderer:
-        return run_step(step, plan_, config, renderer.event, renderer.log)
+        return run_step(step, plan_, config, renderer.event, renderer.log, args, memory)
 
 
 def _print_json(step: str, status: str, exit_code: int, paths: dict | None = None, info: dict | None = None,

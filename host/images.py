@@ -19,7 +19,8 @@ DEFAULT_LOCAL_BASE = "forge-base:bookworm"
 TORCH_VERSION = "2.13.0"
 # The packages whose code runs in the image, and where they live in a checkout (pyproject's package-dir).
 # Host-only changes need no rebuild.
-PACKAGE_DIRS = {"forge": "forge", "forge.contract": "forge/contract", "forge.runner": "runner", "forge.plans": "plans"}
+PACKAGE_DIRS = {"forge": "forge", "forge.contract": "forge/contract", "forge.runner": "runner",
+                "forge.runner.prepare": "runner/prepare", "forge.plans": "plans"}
 SOURCE_SUFFIXES = (".py", ".yaml", ".jinja")
 
 

@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -43,6 +44,8 @@ def run_step(
     plan_path: Path,
     on_event: Callable[[Event], None],
     on_log: Callable[[str], None],
+    args: list[str] | None = None,
+    memory: str | None = None,
 ) -> Outcome:
     plan_dir = plan_path.resolve().parent
     mounts = build_mounts(plan, plan_dir)
@@ -54,7 +57,7 @@ def run_step(
 
     out = str(output_dir(plan, plan_dir))
     _refuse_concurrent_runner(out)
-    container = _create(step, plan, image.tag, volumes, out)
+    container = _create([step, *(args or [])], plan, image.tag, volumes, out, memory)
     outcome = Outcome(exit_code=1, result=None, failure=None, mounts=mounts)
     try:
         lines: queue.Queue = queue.Queue()
@@ -77,6 +80,12 @@ def run_step(
                     outcome.failure = event
                 on_event(event)
             outcome.exit_code = int(container.wait().get("StatusCode", 1))
+            container.reload()
+            if container.attrs["State"].get("OOMKilled"):
+                outcome.failure = Failure(ts=time.time(), code="oom", message=(
+                    f"The runner ran out of memory{f' (capped at {memory})' if memory else ''} and was killed."),
+                    hint="Raise --memory, or lower prepare.shard_rows / train.micro_batch_size in forge.yaml; rerun to resume.")
+                on_event(outcome.failure)
     finally:
         container.remove(force=True)
     return outcome
@@ -93,7 +102,7 @@ def _refuse_concurrent_runner(out: str) -> None:
         )
 
 
-def _create(step: Step, plan: Plan, tag: str, volumes: dict, out: str):
+def _create(command: list[str], plan: Plan, tag: str, volumes: dict, out: str, memory: str | None):
     import docker
     from docker.errors import APIError
 
@@ -113,14 +122,16 @@ def _create(step: Step, plan: Plan, tag: str, volumes: dict, out: str):
     try:
         return client().containers.create(
             tag,
-            command=[step],
+            command=command,
             volumes=volumes,
             environment=environment,
             user=container_user(),
             init=True,
             device_requests=devices or None,
-            labels={"dev.forge.step": step, "dev.forge.model": plan.model.name, OUTPUT_LABEL: out},
+            labels={"dev.forge.step": command[0], "dev.forge.model": plan.model.name, OUTPUT_LABEL: out},
             shm_size="1g",
+            mem_limit=memory,
+            memswap_limit=memory,  # no swap beyond the cap: an over-budget runner fails fast and visibly
             stop_signal="SIGTERM",
         )
     except APIError as exc:

@@ -5,6 +5,7 @@ Inputs (data, a local model) are mounted read-only; only the output dir and the 
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +43,12 @@ def output_dir(plan: Plan, plan_dir: Path) -> Path:
 
 def build_mounts(plan: Plan, plan_dir: Path) -> Mounts:
     mounts = Mounts()
-    data_paths = []
+    inputs = []
     parents: dict[Path, str] = {}
-    for raw in plan.data.paths:
-        host = (plan_dir / raw).resolve()
-        if not host.is_file():
-            raise DataError(
-                f"Data file not found: {host} (forge.yaml data.paths entry {raw!r}).",
-                "Fix the path in forge.yaml (relative to the file itself) or re-run `forge plan --data ...`.",
-            )
-        inside = parents.setdefault(host.parent, f"{paths.DATA_ROOT}/{len(parents)}")
-        data_paths.append(f"{inside}/{host.name}")
+    for spec in plan.data.inputs:
+        for host in expand(spec.path, plan_dir):
+            inside = parents.setdefault(host.parent, f"{paths.DATA_ROOT}/{len(parents)}")
+            inputs.append(spec.model_copy(update={"path": f"{inside}/{host.name}"}))
     for host, inside in parents.items():
         mounts.volumes[str(host)] = {"bind": inside, "mode": "ro"}
 
@@ -74,12 +70,29 @@ def build_mounts(plan: Plan, plan_dir: Path) -> Mounts:
 
     mounts.plan = plan.model_copy(
         update={
-            "data": plan.data.model_copy(update={"paths": data_paths}),
+            "data": plan.data.model_copy(update={"inputs": inputs}),
             "output": plan.output.model_copy(update={"dir": paths.OUTPUT_ROOT, "model_cache": paths.MODEL_CACHE}),
             "model": plan.model.model_copy(update={"source": source}),
         }
     )
     return mounts
+
+
+def expand(pattern: str, plan_dir: Path) -> list[Path]:
+    """The files an input names: itself, or what its glob matches (sorted, so the order is stable)."""
+    path = plan_dir / Path(pattern).expanduser()
+    if glob.has_magic(pattern):
+        found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not found:
+            raise DataError(f"No files match {pattern!r} (forge.yaml data.inputs).",
+                            "Fix the pattern (relative to forge.yaml), e.g. data/*.jsonl or data/**/*.parquet.")
+        return found
+    if not path.is_file():
+        raise DataError(
+            f"Data file not found: {path.resolve()} (forge.yaml data.inputs entry {pattern!r}).",
+            "Fix the path in forge.yaml (relative to the file itself) or re-run `forge plan --data ...`.",
+        )
+    return [path.resolve()]
 
 
 def container_user() -> str:

@@ -15,15 +15,17 @@ from forge.contract.plan import (
     DataSpec,
     Hardware,
     ImageSpec,
+    InputSpec,
     LoraSpec,
     ModelSpec,
     OutputSpec,
     Plan,
     PrepareSpec,
+    SplitSpec,
     TrainSpec,
 )
-from forge.errors import DataError
 from forge.host import catalog
+from forge.host.mounts import expand
 
 GIB = 1024**3
 HEADROOM = 0.9
@@ -35,16 +37,15 @@ def image_name(arch: str) -> str:
     return f"forge-runner:{arch}-{__version__}"
 
 
-def build_plan(goal: str, model: str, data: list[Path], hardware: Hardware, plan_dir: Path) -> Plan:
+def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_dir: Path, fmt: str = "auto") -> Plan:
     preset = catalog.preset(goal)
     name, entry, source = catalog.resolve_model(model)
     reasons = [hardware.note]
-    missing = [str(path) for path in data if not path.is_file()]
-    if missing:
-        raise DataError(
-            f"Data file not found: {', '.join(missing)}.",
-            "Check the path (relative to the current directory) or pass --data with an existing JSONL file.",
-        )
+    inputs = []
+    for given in data:
+        absolute = os.path.join(os.getcwd(), given)  # an absolute path stays as it is
+        expand(absolute, plan_dir)  # fails now, naming the input, rather than in the container
+        inputs.append(InputSpec(path=os.path.relpath(absolute, plan_dir.resolve()), format=fmt))
 
     dtype = "bfloat16" if hardware.accelerator == "cuda" else "float32"
     reasons.append(
@@ -66,8 +67,12 @@ def build_plan(goal: str, model: str, data: list[Path], hardware: Hardware, plan
         model=ModelSpec(name=name, source=source, chat_template=entry.chat_template if entry else "model"),
         hardware=hardware,
         image=ImageSpec(name=image_name(hardware.arch), arch=hardware.arch),
-        data=DataSpec(paths=[os.path.relpath(path.resolve(), plan_dir.resolve()) for path in data]),
-        prepare=PrepareSpec(**preset.prepare.model_dump()),
+        data=DataSpec(inputs=inputs),
+        prepare=PrepareSpec(
+            max_length=preset.prepare.max_length,
+            split=SplitSpec(val=preset.prepare.val_fraction),
+            shard_rows=shard_rows(hardware, preset.prepare.max_length),
+        ),
         train=TrainSpec(
             epochs=preset.train.epochs,
             max_steps=preset.train.max_steps,
@@ -83,6 +88,14 @@ def build_plan(goal: str, model: str, data: list[Path], hardware: Hardware, plan
         output=OutputSpec(),
         reasons=reasons,
     )
+
+
+def shard_rows(hardware: Hardware, max_length: int) -> int:
+    """Rows per prepare shard. A shard is held in memory while it is processed (~30 KB per 256-token row
+    measured, mostly Python lists of token ids), so it gets 1/16 of available RAM, at most 512 MiB."""
+    per_row = max_length * 80 + 8192
+    budget = min(hardware.ram_available_mib * 1024**2 / 16, 512 * 1024**2)
+    return int(max(1000, min(50000, budget // per_row)) // 1000 * 1000)
 
 
 def size_batches(entry, hardware: Hardware, seq_len: int, effective: int, dtype: str) -> tuple[int, int, str]:

@@ -103,7 +103,7 @@ def plan_summary(plan: Plan, path: str) -> None:
     table.add_row("hardware", device)
     table.add_row("image", f"{plan.image.name}")
     table.add_row("model", f"{plan.model.name} ({plan.model.source.kind}), chat template: {plan.model.chat_template}")
-    table.add_row("data", ", ".join(plan.data.paths))
+    table.add_row("data", ", ".join(i.path + (f" ({i.format})" if i.format != "auto" else "") for i in plan.data.inputs))
     t = plan.train
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
     table.add_row("train", f"LoRA r={t.lora.r} on {','.join(t.lora.target_modules)}; {steps}; "

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forge.runner")
     parser.add_argument("step", choices=["prepare", "train"])
     parser.add_argument("--config", type=Path, default=Path(paths.JOB_CONFIG))
+    parser.add_argument("--rebuild", action="store_true", help="prepare: ignore the cache and any partial run")
     args = parser.parse_args(argv)
 
     emit.claim_stdout()
@@ -27,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = load_plan(args.config)
         if args.step == "prepare":
-            from forge.runner.prepare import prepare
+            from forge.runner.prepare.pipeline import prepare
 
-            prepare(plan)
+            prepare(plan, rebuild=args.rebuild)
         else:
             from forge.runner.train import train
 

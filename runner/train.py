@@ -21,7 +21,7 @@ from forge.errors import ConfigError, DataError
 from forge.runner import checkpoint, models, stop
 from forge.runner.emit import also_write_to, emit, log, stage
 from forge.runner.hashing import sha256_json
-from forge.runner.prepare import dataset_dir
+from forge.runner.prepare.pipeline import dataset_dir
 
 MAX_GRAD_NORM = 1.0
 
@@ -34,7 +34,8 @@ def run_dir_for(plan: Plan, dataset: Path) -> Path:
 def train(plan: Plan) -> None:
     import torch
 
-    dataset = dataset_dir(plan)
+    model_dir = models.resolve(plan.model, Path(plan.output.model_cache))
+    dataset = dataset_dir(plan, model_dir)
     if not (dataset / "manifest.json").is_file():
         raise DataError("No prepared dataset matches this plan's data and settings.", "Run `forge prepare` first.")
     run_dir = run_dir_for(plan, dataset)
@@ -46,8 +47,8 @@ def train(plan: Plan) -> None:
     atomic_write_text(run_dir / "config.yaml", dump_plan(plan))
 
     torch.manual_seed(plan.train.seed)
-    model, tokenizer = _setup_model(plan)
-    rows = _read_split(dataset / "train.parquet")
+    model, tokenizer = _setup_model(plan, model_dir)
+    rows = _read_split(dataset, "train")
     batches = MicroBatches(rows, plan.train.micro_batch_size, plan.train.seed, tokenizer.pad_token_id)
     total_steps = plan.train.max_steps or plan.train.epochs * math.ceil(len(batches) / plan.train.gradient_accumulation)
     optimizer, scheduler = _setup_optimizer(plan, model, total_steps)
@@ -66,12 +67,11 @@ def train(plan: Plan) -> None:
     _result(run_dir, metrics)
 
 
-def _setup_model(plan: Plan):
+def _setup_model(plan: Plan, model_dir: Path):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = models.resolve(plan.model, Path(plan.output.model_cache))
     if plan.hardware.accelerator == "cpu" and plan.train.dtype == "float16":
         raise ConfigError("float16 training is not supported on CPU.", "Set train.dtype to float32 or bfloat16.")
     with stage("load", total=1, unit="model") as progress:
@@ -141,7 +141,7 @@ def _loop(plan, model, batches, optimizer, scheduler, state, total_steps: int, r
 def _finish(plan, model, dataset: Path, run_dir: Path, state, total_steps: int, resumed_from: int, pad_id: int) -> dict:
     import torch
 
-    val_rows = _read_split(dataset / "val.parquet")
+    val_rows = _read_split(dataset, "val")
     val_loss = None
     if val_rows:
         model.eval()
@@ -197,17 +197,26 @@ class MicroBatches:
         chosen = [self.rows[i] for i in self._order[1][position * self.size:(position + 1) * self.size]]
         width = max(len(row["input_ids"]) for row in chosen)
         pad = lambda values, fill: values + [fill] * (width - len(values))  # noqa: E731
-        return {
+        batch = {
             "input_ids": torch.tensor([pad(row["input_ids"], self.pad_id) for row in chosen]),
             "attention_mask": torch.tensor([pad([1] * len(row["input_ids"]), 0) for row in chosen]),
             "labels": torch.tensor([pad(row["labels"], -100) for row in chosen]),
         }
+        if "position_ids" in chosen[0]:
+            batch["position_ids"] = torch.tensor([pad(row["position_ids"], 0) for row in chosen])
+        return batch
 
 
-def _read_split(path: Path) -> list[dict]:
+def _read_split(dataset: Path, split: str) -> list[dict]:
+    """All shards of a split, in order. Packed datasets carry position_ids, which restart per example."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["input_ids", "labels"]).to_pylist() if path.is_file() else []
+    rows = []
+    for path in sorted((dataset / split).glob("*.parquet")):
+        table = pq.read_table(path)
+        columns = [c for c in ("input_ids", "labels", "position_ids") if c in table.column_names]
+        rows.extend(table.select(columns).to_pylist())
+    return rows
 
 
 def _peak_rss_mb() -> float:

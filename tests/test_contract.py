@@ -19,7 +19,7 @@ class NoGpu:
 
 @pytest.fixture
 def plan(tmp_path) -> Plan:
-    return build_plan("smoke", "smollm2-135m-instruct", [EXAMPLES / "alpaca-sample.jsonl"], detect(NoGpu()), tmp_path)
+    return build_plan("smoke", "smollm2-135m-instruct", [str(EXAMPLES / "alpaca-sample.jsonl")], detect(NoGpu()), tmp_path)
 
 
 def test_plan_round_trips_through_yaml(plan, tmp_path):
@@ -63,6 +63,20 @@ def test_broken_yaml_names_the_line(tmp_path):
     path.write_text("schema_version: 1\nmodel: [unclosed\n")
     with pytest.raises(ConfigError, match=r"forge.yaml:\d+: not valid YAML"):
         load_plan(path)
+
+
+def test_inputs_accept_plain_paths_and_mappings(plan):
+    data = plan.model_dump(mode="json")
+    data["data"] = {"inputs": ["a.jsonl", {"path": "b/*.csv", "format": "alpaca", "tags": {"source": "human"}}]}
+    inputs = Plan.model_validate(data).data.inputs
+    assert [(i.path, i.format, i.tags) for i in inputs] == [("a.jsonl", "auto", {}), ("b/*.csv", "alpaca", {"source": "human"})]
+
+
+def test_split_fractions_must_leave_room_for_train(plan):
+    data = plan.model_dump(mode="json")
+    data["prepare"]["split"] = {"val": 0.6, "test": 0.5}
+    with pytest.raises(ValidationError, match="leave rows for train"):
+        Plan.model_validate(data)
 
 
 def test_model_source_needs_the_fields_of_its_kind(plan):

@@ -64,14 +64,14 @@ def prepared(job) -> dict:
 
 def test_prepare_accounts_for_every_row(job, prepared):
     manifest = json.loads(Path(prepared["paths"]["manifest"]).read_text())
-    counts = manifest["counts"]
+    counts = manifest["stats"]["accounting"]
     rows_in = sum(1 for p in (job / "data").iterdir() for line in p.read_bytes().splitlines() if line.strip())
-    assert counts["rows_in"] == rows_in == counts["kept"] + counts["rejected"]
-    assert counts["kept"] == counts["train"] + counts["val"] and counts["val"] > 0
+    assert counts["rows_in"] == rows_in == counts["kept"] + counts["rejected"] + counts["duplicates"] + counts["dropped_by_policy"]
+    assert counts["balanced"] and manifest["splits"]["val"]["examples"] > 0
     rejects = [json.loads(line) for line in Path(prepared["paths"]["rejects"]).read_text().splitlines()]
     assert sorted((r["file"], r["line"], r["reason"]) for r in rejects) == [
         ("bad.jsonl", 1, "malformed_json"), ("bad.jsonl", 2, "no_assistant_turn"), ("bad.jsonl", 3, "not_an_object")]
-    assert manifest["rejects_by_reason"] == {"malformed_json": 1, "no_assistant_turn": 1, "not_an_object": 1}
+    assert manifest["stats"]["rejected"] == {"malformed_json": 1, "no_assistant_turn": 1, "not_an_object": 1}
 
     import pyarrow.parquet as pq
 
@@ -80,7 +80,8 @@ def test_prepare_accounts_for_every_row(job, prepared):
     dataset = Path(prepared["paths"]["dataset_dir"])
     for name, meta in manifest["files"].items():
         assert sha256_file(dataset / name) == meta["sha256"]
-        assert pq.read_table(dataset / name).num_rows == meta["rows"]
+    assert sum(pq.read_table(dataset / f).num_rows for f in manifest["splits"]["train"]["files"]) == \
+        manifest["splits"]["train"]["examples"]
 
 
 def test_prepare_rerun_is_a_cache_hit(job, prepared):
@@ -92,7 +93,7 @@ def test_prepare_rerun_is_a_cache_hit(job, prepared):
 def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine, smollm2_dir):
     # 1. SIGTERM to the CLI: the runner checkpoints and exits 75; the container is removed.
     first = forge("train", "--json", cwd=job)
-    run_dir = _wait_for_step(job, minimum=4)
+    run_dir = _wait_for_step(job, first, minimum=4)
     first.send_signal(signal.SIGTERM)
     code, result, _ = finish(first)
     assert (code, result["status"]) == (75, "stopped")
@@ -102,7 +103,7 @@ def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine,
 
     # 2. kill -9 the container itself once training has moved past another checkpoint.
     second = forge("train", "--json", cwd=job)
-    _wait_for_step(job, minimum=stopped_at + SAVE_EVERY + 1, after_stage_starts=2)
+    _wait_for_step(job, second, minimum=stopped_at + SAVE_EVERY + 1, after_stage_starts=2)
     (container,) = _containers(engine)
     _assert_locked_down(container)
     container.kill(signal="SIGKILL")
@@ -114,7 +115,7 @@ def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine,
 
     # 2b. kill -9 the host CLI instead: its container runs on, and a second runner on the same output is refused.
     orphaned = forge("train", "--json", cwd=job)
-    _wait_for_step(job, minimum=killed_after + SAVE_EVERY + 1, after_stage_starts=3)
+    _wait_for_step(job, orphaned, minimum=killed_after + SAVE_EVERY + 1, after_stage_starts=3)
     orphaned.kill()
     orphaned.wait()
     code, result, err = finish(forge("train", "--json", cwd=job))
@@ -192,9 +193,13 @@ def _train_runs(run_dir: Path) -> list[list[int]]:
     return runs
 
 
-def _wait_for_step(job: Path, minimum: int, after_stage_starts: int = 1, timeout: float = 300) -> Path:
+def _wait_for_step(job: Path, process: subprocess.Popen, minimum: int, after_stage_starts: int = 1,
+                   timeout: float = 300) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"forge train exited with {process.returncode} before step {minimum}:\n"
+                                 f"{process.stderr.read()[-3000:]}")
         events = _events(job)
         starts = [i for i, e in enumerate(events) if isinstance(e, StageStarted) and e.stage == "train"]
         if len(starts) >= after_stage_starts:
@@ -212,3 +217,42 @@ def _latest_checkpoint_step(run_dir: Path) -> int:
 
 def _containers(engine) -> list:
     return engine.containers.list(all=True, filters={"label": "dev.forge.step=train"})
+
+
+def test_prepare_killed_in_the_container_resumes_to_identical_output(tmp_path, engine, model_cache):
+    """kill -9 of the runner container mid-prepare; the rerun finishes from the finished shards and its
+    output is byte-identical to a from-scratch run (--rebuild)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from generate import make_pairs, write
+
+    write(make_pairs(8000, seed=2), tmp_path / "data")
+    plan = subprocess.run([sys.executable, "-m", "forge.host", "plan", "smoke", "--cpu", "--data", "data/*"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    config = yaml.safe_load((tmp_path / "forge.yaml").read_text())
+    config["prepare"]["shard_rows"] = 500
+    (tmp_path / "forge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    first = forge("prepare", "--json", cwd=tmp_path)
+    partial = tmp_path / "forge-out" / "datasets"
+    deadline = time.monotonic() + 300
+    while len(list(partial.glob(".*.partial/shards/audit-*.jsonl"))) < 3:
+        assert time.monotonic() < deadline and first.poll() is None, "prepare never got going"
+        time.sleep(0.1)
+    (container,) = engine.containers.list(filters={"label": "dev.forge.step=prepare"})
+    container.kill(signal="SIGKILL")
+    code, result, _ = finish(first)
+    assert code == 137 and result["status"] == "failed"
+
+    code, resumed, err = finish(forge("prepare", "--json", cwd=tmp_path))
+    assert code == 0 and resumed["info"]["cached"] == 0, err
+    assert "Resuming:" in err and "rows_per_s" in err
+    dataset = Path(resumed["paths"]["dataset_dir"])
+    after_resume = {str(p.relative_to(dataset)): p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+
+    code, rebuilt, err = finish(forge("prepare", "--json", "--rebuild", cwd=tmp_path))
+    assert code == 0 and rebuilt["paths"] == resumed["paths"], err
+    assert {str(p.relative_to(dataset)): p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == after_resume
+    stats = json.loads((dataset / "stats.json").read_text())
+    assert stats["accounting"]["balanced"] and stats["accounting"]["rows_in"] == 8000
+    assert stats["duplicates"]["exact"] > 0 and stats["pii"]

@@ -1,4 +1,5 @@
 import pytest
+from pathlib import Path
 
 from forge.errors import DataError
 from forge.host.detect import detect
@@ -6,7 +7,7 @@ from forge.host.planner import build_plan
 from tests.conftest import EXAMPLES
 from tests.test_detect import DEVICES, Table
 
-DATA = [EXAMPLES / "alpaca-sample.jsonl"]
+DATA = [str(EXAMPLES / "alpaca-sample.jsonl")]
 
 
 def test_cpu_plan_says_why(tmp_path):
@@ -45,10 +46,19 @@ def test_more_memory_never_means_a_smaller_micro_batch(tmp_path):
 
 def test_data_paths_are_stored_relative_to_the_plan(tmp_path):
     plan = build_plan("smoke", "smollm2-135m-instruct", DATA, detect(Table(problem="x")), tmp_path)
-    assert (tmp_path / plan.data.paths[0]).resolve() == DATA[0].resolve()
+    assert (tmp_path / plan.data.inputs[0].path).resolve() == Path(DATA[0]).resolve()
 
 
 def test_missing_data_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError) as err:
-        build_plan("smoke", "smollm2-135m-instruct", [tmp_path / "nope.jsonl"], detect(Table(problem="x")), tmp_path)
+        build_plan("smoke", "smollm2-135m-instruct", [str(tmp_path / "nope.jsonl")], detect(Table(problem="x")), tmp_path)
     assert "nope.jsonl" in err.value.message and err.value.hint
+
+
+def test_globs_are_kept_as_patterns_and_must_match(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    plan = build_plan("smoke", "smollm2-135m-instruct", [str(tmp_path / "*.jsonl")], detect(Table(problem="x")), tmp_path,
+                      fmt="alpaca")
+    assert [(i.path, i.format) for i in plan.data.inputs] == [("*.jsonl", "alpaca")]
+    with pytest.raises(DataError, match="No files match"):
+        build_plan("smoke", "smollm2-135m-instruct", [str(tmp_path / "*.csv")], detect(Table(problem="x")), tmp_path)

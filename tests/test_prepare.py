@@ -1,16 +1,33 @@
-"""The prepare step in-process (the container tests cover the same code through the CLI)."""
+"""The prepare pipeline in-process and as a killable subprocess (the runner's code, outside a container;
+the end-to-end tests run the same code in the image through the CLI)."""
 
+from __future__ import annotations
+
+import hashlib
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from forge.contract.plan import Plan
 from forge.contract.plan_io import load_plan, write_plan
 from forge.host.detect import GpuReport, detect
 from forge.host.planner import build_plan
 from forge.runner import stop
-from forge.runner.prepare import dataset_dir, prepare
-from tests.conftest import EXAMPLES
+from forge.runner.prepare.pipeline import dataset_dir, prepare
+from tests.conftest import REPO
+
+EMAIL = "jane.roe@example.org"
+ANSWER = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence near the "
+          "river. Later that evening the children walk home along the narrow path past the mill, counting the geese on "
+          "the pond and arguing about which of them saw the heron first, until the church bell rings seven times and "
+          "their mother calls them in for a supper of bread, cheese and apples from the orchard behind the barn.")
 
 
 class NoGpu:
@@ -18,39 +35,202 @@ class NoGpu:
         return GpuReport(problem="test")
 
 
-@pytest.fixture
-def plan(tmp_path, model_cache, smollm2_dir):
-    data = [EXAMPLES / "alpaca-sample.jsonl", EXAMPLES / "chat-sample.jsonl"]
-    built = build_plan("smoke", "smollm2-135m-instruct", data, detect(NoGpu()), tmp_path)
-    # The runner sees absolute paths (the launcher rewrites them to container paths).
+def make_plan(tmp_path: Path, model_cache: Path, files: list[Path], **prepare) -> Plan:
+    built = build_plan("smoke", "smollm2-135m-instruct", [str(f) for f in files], detect(NoGpu()), tmp_path)
     built = built.model_copy(update={
-        "data": built.data.model_copy(update={"paths": [str(p) for p in data]}),
+        "data": built.data.model_copy(update={"inputs": [
+            i.model_copy(update={"path": str((tmp_path / i.path).resolve())}) for i in built.data.inputs]}),
         "output": built.output.model_copy(update={"dir": str(tmp_path / "out"), "model_cache": str(model_cache)}),
+        "prepare": built.prepare.model_copy(update=prepare),
     })
     write_plan(built, tmp_path / "forge.yaml")
     return load_plan(tmp_path / "forge.yaml")
 
 
-def test_prepare_writes_a_manifest_whose_counts_add_up(plan, capsys):
+@pytest.fixture
+def messy(tmp_path) -> list[Path]:
+    """Every kind of row: good ones in four formats, and each way a row can leave the dataset."""
+    data = tmp_path / "data"
+    data.mkdir()
+    words = ANSWER.split()
+    good = [{"instruction": f"Question number {i} about {w}?", "output": " ".join(random.Random(i).choices(words, k=120)),
+             "tags": {"source": "human" if i % 2 else "synthetic"}} for i, w in enumerate(["cats", "dogs", "owls", "eels"])]
+    near = good[1]["output"].split()
+    near[60] = "zebra"
+    lines = [json.dumps(r) for r in good] + [
+        '{"instruction": "broken',                                                     # rejected: malformed_json
+        json.dumps({"instruction": "QUESTION NUMBER 0 ABOUT CATS?", "output": good[0]["output"]}),  # exact (case)
+        json.dumps({"instruction": "Question number 1 about dogs?",                    # near duplicate of row 2
+                    "output": " ".join(near)}),
+        json.dumps({"instruction": "Who do I email?", "output": f"Write to {EMAIL} today."}),  # PII, redacted
+        json.dumps({"instruction": "Bell", "output": "ding\x07"}),                        # rejected: control_chars
+        json.dumps({"instruction": "Long one", "output": "word " * 400}),                 # length policy
+    ]
+    (data / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Teal."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}]},                              # rejected: no assistant
+    ]) + "\n")
+    return sorted(data.iterdir())
+
+
+def test_every_row_is_accounted_for(tmp_path, model_cache, smollm2_dir, messy):
+    plan = make_plan(tmp_path, model_cache, messy, length_policy="drop", max_length=256)
     prepare(plan)
-    manifest = json.loads((dataset_dir(plan) / "manifest.json").read_text())
-    counts = manifest["counts"]
-    assert counts["rows_in"] == 64 == counts["kept"] + counts["rejected"] == counts["train"] + counts["val"]
-    assert '"kind":"result"' in capsys.readouterr().out
+    target = dataset_dir(plan, smollm2_dir)
+    stats = json.loads((target / "stats.json").read_text())
+    acc = stats["accounting"]
+    assert acc == {"rows_in": 12, "kept": 6, "rejected": 3, "duplicates": 2, "dropped_by_policy": 1, "balanced": True}
+    assert stats["rejected"] == {"control_chars": 1, "malformed_json": 1, "no_assistant_turn": 1}
+    assert stats["duplicates"] == {"exact": 1, "near": 1}
+    assert stats["dropped"] == {"too_long": 1} and stats["pii"] == {"EMAIL": 1}
+    duplicates = [json.loads(line) for line in (target / "duplicates.jsonl").read_text().splitlines()]
+    first_ids = {json.loads(line)["id"] for line in (target / "audit.jsonl").read_text().splitlines()[:2]}
+    assert {d["duplicate_of"] for d in duplicates} == first_ids
+    rejects = [json.loads(line) for line in (target / "rejects.jsonl").read_text().splitlines()]
+    assert {(r["file"], r["line"], r["reason"]) for r in rejects} == {
+        ("alpaca.jsonl", 5, "malformed_json"), ("alpaca.jsonl", 9, "control_chars"), ("chat.jsonl", 2, "no_assistant_turn")}
+    audit = [json.loads(line) for line in (target / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) == 12 and len({a["id"] for a in audit}) == 12
+    pii_steps = [s for a in audit for s in a["steps"] if s["step"] == "pii"]
+    assert pii_steps == [{"step": "pii", "entity": "EMAIL", "action": "redact",
+                          "value_hash": hashlib.sha256(EMAIL.encode()).hexdigest()[:16]}]
+    for path in target.rglob("*"):
+        if path.is_file():
+            assert EMAIL.encode() not in path.read_bytes(), f"raw PII in {path.name}"
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["tag_schema"] == ["source"] and manifest["dataset_version"] == target.name
+    for name, meta in manifest["files"].items():
+        assert hashlib.sha256((target / name).read_bytes()).hexdigest() == meta["sha256"]
 
 
-def test_a_changed_setting_is_a_new_dataset(plan):
+def test_output_loads_with_datasets_and_trains_with_trl_unchanged(tmp_path, model_cache, smollm2_dir, messy):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    plan = make_plan(tmp_path, model_cache, messy)
+    prepare(plan)
+    target = dataset_dir(plan, smollm2_dir)
+    data = datasets.load_dataset("parquet", data_files={"train": str(target / "train" / "*.parquet")}, split="train")
+    assert data.num_rows == json.loads((target / "stats.json").read_text())["splits"]["train"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    trainer = SFTTrainer(model=model, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(smollm2_dir),
+                         args=SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=2,
+                                        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(log["loss"] > 0 for log in trainer.state.log_history if "loss" in log)
+
+
+def test_cache_hit_rebuild_and_new_key(tmp_path, model_cache, smollm2_dir, messy, capsys):
+    plan = make_plan(tmp_path, model_cache, messy)
+    prepare(plan)
+    target = dataset_dir(plan, smollm2_dir)
+    first = target.stat().st_mtime_ns
+    prepare(plan)
+    assert '"cached":1' in capsys.readouterr().out and target.stat().st_mtime_ns == first
+    prepare(plan, rebuild=True)
+    assert '"cached":0' in capsys.readouterr().out
     changed = plan.model_copy(update={"prepare": plan.prepare.model_copy(update={"max_length": 128})})
-    assert dataset_dir(changed) != dataset_dir(plan)
+    assert dataset_dir(changed, smollm2_dir) != target
 
 
-def test_stop_request_leaves_no_partial_dataset(plan):
+def test_labels_modes_and_packing(tmp_path, model_cache, smollm2_dir):
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "multi.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Count {i}"}, {"role": "assistant", "content": f"One {i}."},
+        {"role": "user", "content": "More"}, {"role": "assistant", "content": f"Two {i}."}]}) for i in range(12)) + "\n")
+    learned = {}
+    for mode in ("all_assistant", "last_turn", "whole_sequence"):
+        plan = make_plan(tmp_path / mode, model_cache, [data], labels=mode, dedup={"exact": True, "near": False})
+        prepare(plan)
+        table = pq.read_table(dataset_dir(plan, smollm2_dir) / "train" / "shard-00000.parquet").to_pylist()
+        learned[mode] = sum(sum(1 for label in row["labels"] if label != -100) for row in table) / len(table)
+    assert learned["last_turn"] < learned["all_assistant"] < learned["whole_sequence"]
+
+    plan = make_plan(tmp_path / "packed", model_cache, [data], packing=True, max_length=128)
+    prepare(plan)
+    rows = pq.read_table(dataset_dir(plan, smollm2_dir) / "train" / "shard-00000.parquet").to_pylist()
+    assert all(len(r["input_ids"]) <= 128 and sum(r["seq_lengths"]) == len(r["input_ids"]) for r in rows)
+    assert all(r["position_ids"].count(0) == len(r["seq_lengths"]) for r in rows)
+    assert len(rows) < sum(len(r["seq_lengths"]) for r in rows)
+
+
+def test_stratified_split_is_stable_and_covers_each_stratum(tmp_path, model_cache, smollm2_dir):
+    rows = [{"prompt": f"Tell me fact {i} about topic {i % 7}.", "completion": f"Fact {i}: {ANSWER[: 30 + i % 40]}",
+             "tags": {"source": "a" if i % 3 else "b"}} for i in range(300)]
+    forward, backward = tmp_path / "f.jsonl", tmp_path / "b.jsonl"
+    forward.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    backward.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    splits = []
+    for path in (forward, backward):
+        plan = make_plan(tmp_path / path.stem, model_cache, [path], dedup={"exact": False, "near": False},
+                         split={"val": 0.2, "test": 0.1, "stratify_by": "tag:source", "seed": 3})
+        prepare(plan)
+        stats = json.loads((dataset_dir(plan, smollm2_dir) / "stats.json").read_text())
+        audit = [json.loads(line) for line in (dataset_dir(plan, smollm2_dir) / "audit.jsonl").read_text().splitlines()]
+        splits.append({a["input_hash"]: next(s["split"] for s in a["steps"] if s["step"] == "split") for a in audit})
+        for source in ("a", "b"):
+            counts = {split: stats["strata"].get(f"source={source}/{split}", 0) for split in ("train", "val", "test")}
+            share = counts["val"] / sum(counts.values())
+            assert 0.08 < share < 0.35, (source, counts)
+            assert counts["test"] > 0
+    assert splits[0] == splits[1]  # by content, not position
+
+
+def test_stop_request_keeps_finished_shards(tmp_path, model_cache, smollm2_dir, messy):
+    plan = make_plan(tmp_path, model_cache, messy, shard_rows=100)
     stop.requested.set()
     try:
         with pytest.raises(stop.Stopped):
             prepare(plan)
     finally:
         stop.requested.clear()
-    parent = dataset_dir(plan).parent
-    assert not dataset_dir(plan).exists()
-    assert list(parent.glob(".*tmp*")) == []
+    assert not dataset_dir(plan, smollm2_dir).exists()
+    prepare(plan)
+    assert (dataset_dir(plan, smollm2_dir) / "manifest.json").is_file()
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_kill_9_at_random_moments_then_rerun_is_byte_identical(tmp_path, model_cache, smollm2_dir):
+    """The runner's prepare is killed with SIGKILL three times at random moments; each rerun resumes, and
+    the final output is byte-identical to an uninterrupted run's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from generate import make_pairs, write
+
+    data = tmp_path / "data"
+    write(make_pairs(6000, seed=1), data)
+    files = sorted(data.iterdir())
+    reference = make_plan(tmp_path / "reference", model_cache, files, shard_rows=500)
+    prepare(reference)
+    expected = _tree_digest(dataset_dir(reference, smollm2_dir))
+
+    plan = make_plan(tmp_path / "killed", model_cache, files, shard_rows=500)
+    config = tmp_path / "killed" / "forge.yaml"
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = 0
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-m", "forge.runner", "prepare", "--config", str(config)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        target = rng.uniform(0.1, 0.95)
+        for line in child.stdout:  # kill once processing has passed a random point, after a random delay
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("kind") == "progress" and event.get("stage") == "process" and event["done"] >= target * event["total"]:
+                time.sleep(rng.uniform(0, 0.3))
+                child.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+        child.wait()
+    assert kills >= 2, "prepare finished too fast to be killed; raise the data size"
+    final = subprocess.run([sys.executable, "-m", "forge.runner", "prepare", "--config", str(config)],
+                           capture_output=True, text=True, env=env)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert _tree_digest(dataset_dir(plan, smollm2_dir)) == expected
+    assert not list((tmp_path / "killed" / "out" / "datasets").glob(".*"))

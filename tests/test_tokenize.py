@@ -1,9 +1,10 @@
-"""Rendering with SmolLM2's own chat template; labels on assistant tokens only (real tokenizer)."""
+"""Rendering with a chat template and labelling only what the model should learn (real SmolLM2 tokenizer)."""
 
 import pytest
 
-from forge.runner.rows import Invalid
-from forge.runner.tokenize import IGNORE, encode, load_tokenizer
+from forge.errors import ConfigError
+from forge.runner.prepare.templates import NAMED
+from forge.runner.prepare.tokenize import IGNORE, Encoder, load_tokenizer
 
 CHAT = [
     {"role": "user", "content": "Name a colour."},
@@ -13,38 +14,62 @@ CHAT = [
 ]
 
 
+def learned(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE])
+
+
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
     return load_tokenizer(smollm2_dir, "model")
 
 
-def test_text_is_the_models_own_template(tokenizer):
-    encoded = encode(tokenizer, CHAT, 512)
-    assert tokenizer.decode(encoded.input_ids) == tokenizer.apply_chat_template(CHAT, tokenize=False)
-    assert tokenizer.decode(encoded.input_ids).startswith("<|im_start|>system\n")
+def test_same_text_and_ids_as_transformers(tokenizer, smollm2_dir):
+    """Prepare avoids importing transformers' model stack; it must still match it token for token."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = reference.apply_chat_template(CHAT, tokenize=False)
+    ((ids, _),) = Encoder(tokenizer).encode_batch([CHAT])
+    assert tokenizer.render(CHAT) == text and text.startswith("<|im_start|>system\n")
+    assert ids == reference(text, add_special_tokens=False)["input_ids"]
 
 
-def test_only_assistant_turns_are_labelled(tokenizer):
-    encoded = encode(tokenizer, CHAT, 512)
-    learned = tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE])
-    assert learned == "Red.<|im_end|>\nBlue.<|im_end|>\n"
-    assert all(label in (IGNORE, token) for token, label in zip(encoded.input_ids, encoded.labels))
+@pytest.mark.parametrize("mode, expected", [
+    ("all_assistant", "Red.<|im_end|>\nBlue.<|im_end|>\n"),
+    ("last_turn", "Blue.<|im_end|>\n"),
+])
+def test_label_modes(tokenizer, mode, expected):
+    ((ids, labels),) = Encoder(tokenizer, mode).encode_batch([CHAT])
+    assert learned(tokenizer, ids, labels) == expected
+    assert all(label in (IGNORE, token) for token, label in zip(ids, labels))
 
 
-def test_truncation_is_reported_and_an_empty_label_mask_is_rejected(tokenizer):
-    long_answer = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(["one"] * 200)}]
-    encoded = encode(tokenizer, long_answer, 64)
-    assert encoded.truncated and len(encoded.input_ids) == 64
-    long_prompt = [{"role": "user", "content": " ".join(["word"] * 200)}, {"role": "assistant", "content": "ok"}]
-    with pytest.raises(Invalid) as err:
-        encode(tokenizer, long_prompt, 64)
-    assert err.value.reason == "no_label_tokens"
+def test_whole_sequence_learns_everything(tokenizer):
+    ((ids, labels),) = Encoder(tokenizer, "whole_sequence").encode_batch([CHAT])
+    assert labels == ids
 
 
-def test_custom_template_file(tmp_path, smollm2_dir):
+def test_fast_spans_agree_with_rendering_each_prefix(tokenizer):
+    encoder = Encoder(tokenizer)
+    text = encoder._render(CHAT)
+    assert encoder._fast_spans(text, CHAT) == encoder._slow_spans(text, CHAT)
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_every_named_template_labels_each_answer_and_its_end(smollm2_dir, name):
+    tokenizer = load_tokenizer(smollm2_dir, name)
+    ((ids, labels),) = Encoder(tokenizer).encode_batch([CHAT])
+    text = learned(tokenizer, ids, labels)
+    assert "Red." in text and "Blue." in text and "Name a colour" not in text and "Another" not in text
+
+
+def test_custom_template_file_and_missing_one(tmp_path, smollm2_dir):
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant: {% endif %}")
     tokenizer = load_tokenizer(smollm2_dir, str(template))
-    encoded = encode(tokenizer, CHAT[:2], 512)
-    assert tokenizer.decode(encoded.input_ids) == "user: Name a colour.\nassistant: Red.\n"
+    ((ids, labels),) = Encoder(tokenizer).encode_batch([CHAT[:2]])
+    assert tokenizer.decode(ids) == "user: Name a colour.\nassistant: Red.\n"
+    assert learned(tokenizer, ids, labels) == " Red.\n"  # byte-level BPE: the space belongs to the answer token
+    with pytest.raises(ConfigError):
+        load_tokenizer(smollm2_dir, str(tmp_path / "nope.jinja"))

@@ -65,7 +65,9 @@ class ModelSpec(Strict):
     name: str = Field(min_length=1)
     source: ModelSource
     chat_template: str = Field(
-        "model", description="'model' uses the tokenizer's own chat template; otherwise a path to a Jinja file"
+        "model",
+        description="'model' (the tokenizer's own), a named template (chatml, llama-2, llama-3, alpaca, gemma, "
+        "mistral, phi-3, qwen) or a path to a Jinja file",
     )
 
 
@@ -74,15 +76,87 @@ class ImageSpec(Strict):
     arch: Arch
 
 
+RowFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"]
+
+
+class InputSpec(Strict):
+    path: str = Field(description="A file or a glob; relative to forge.yaml")
+    format: RowFormat = Field("auto", description="Row format; auto detects it per file")
+    tags: dict[str, str] = Field({}, description="Tags added to every row of this input (e.g. source: synthetic)")
+
+
 class DataSpec(Strict):
-    paths: list[str] = Field(min_length=1, description="JSONL files; relative paths are relative to forge.yaml")
-    format: Literal["auto", "alpaca", "messages"] = "auto"
+    inputs: list[InputSpec] = Field(min_length=1, description="JSONL, JSON arrays, CSV or Parquet; .gz/.zst too")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_paths(cls, value):
+        """`inputs: [a.jsonl, {path: b.csv, format: alpaca}]`: a bare string is a path with format auto."""
+        if isinstance(value, dict) and isinstance(value.get("inputs"), list):
+            value = {**value, "inputs": [{"path": i} if isinstance(i, str) else i for i in value["inputs"]]}
+        return value
+
+
+PiiPolicy = Literal["redact", "mask", "hash", "drop", "keep"]
+Severity = Literal["low", "medium", "high"]
+
+
+class DedupSpec(Strict):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at which rows are near duplicates")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    shingle_words: int = Field(5, ge=1, description="Words per shingle")
+
+
+class PiiSpec(Strict):
+    enabled: bool = True
+    backend: Literal["regex", "presidio"] = "regex"
+    default: PiiPolicy = Field("redact", description="Policy for entities not listed in `policies`")
+    policies: dict[str, PiiPolicy] = Field({}, description="Per entity, e.g. {EMAIL: hash, CREDIT_CARD: drop}")
+
+
+class CheckSpec(Strict):
+    name: str = Field(description="A built-in check, a dotted path `pkg.module:function`, or an entry point name")
+    options: dict[str, str | int | float | bool | list[str]] = {}
+
+
+class ComplianceSpec(Strict):
+    checks: list[CheckSpec] = Field(
+        default_factory=lambda: [CheckSpec(name="lexicon.toxicity"), CheckSpec(name="lexicon.bias")]
+    )
+    on: dict[Severity, Literal["flag", "drop", "fail"]] = Field(
+        default_factory=lambda: {"low": "flag", "medium": "flag", "high": "drop"},
+        description="What a finding of each severity does to its row (or the run)",
+    )
+
+
+class SplitSpec(Strict):
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.0, ge=0.0, lt=1.0)
+    stratify_by: str | None = Field(None, description="'tag:<name>' or 'length'; buckets split separately")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> SplitSpec:
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave rows for train")
+        if self.stratify_by and self.stratify_by != "length" and not self.stratify_by.startswith("tag:"):
+            raise ValueError("stratify_by is 'length' or 'tag:<name>'")
+        return self
 
 
 class PrepareSpec(Strict):
-    max_length: int = Field(512, ge=16, le=131072, description="Tokens per example; longer rows are truncated")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
+    max_length: int = Field(512, ge=16, le=131072, description="Tokens per example")
+    length_policy: Literal["drop", "truncate", "split"] = Field("truncate", description="For rows over max_length")
+    labels: Literal["all_assistant", "last_turn", "whole_sequence"] = "all_assistant"
+    packing: bool = Field(False, description="Pack examples into max_length sequences (best-fit decreasing)")
+    split: SplitSpec = SplitSpec()
+    dedup: DedupSpec = DedupSpec()
+    pii: PiiSpec = PiiSpec()
+    compliance: ComplianceSpec = ComplianceSpec()
+    shard_rows: int = Field(20000, ge=100, description="Rows per shard; bounds memory (sized from RAM by the planner)")
+    export_litdata: bool = Field(False, description="Also write LitData's optimized format")
 
 
 class LoraSpec(Strict):

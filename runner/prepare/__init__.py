@@ -1,0 +1,1 @@
+"""`forge prepare`: a pipeline of small streaming steps from raw files to tokenized Parquet shards."""
