@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from forge.runner.emit import log
+from forge.runner.durable import fsync
 from forge.runner.hashing import sha256_file
 
 MANIFEST = "manifest.json"
@@ -47,12 +48,12 @@ def save(root: Path, state: TrainState, model, optimizer, scheduler, keep_last: 
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     files = sorted(path.name for path in tmp.iterdir())
     for name in files:
-        _fsync(tmp / name)
+        fsync(tmp / name)
     (tmp / MANIFEST).write_text(json.dumps({name: sha256_file(tmp / name) for name in files}, indent=1))
-    _fsync(tmp / MANIFEST)
+    fsync(tmp / MANIFEST)
     shutil.rmtree(final, ignore_errors=True)  # an earlier attempt at the same step, e.g. before a crash
     os.replace(tmp, final)
-    _fsync(root)
+    fsync(root)
     for old in all_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -103,9 +104,3 @@ def load(path: Path, model, optimizer, scheduler) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -119,7 +119,7 @@ def _loop(plan, model, batches, optimizer, scheduler, state, total_steps: int, r
                 loss = model(**batch).loss / accumulation
                 loss.backward()
                 step_loss += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum())
+                tokens_seen += batches.last_tokens
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -181,6 +181,7 @@ class MicroBatches:
         self.rows, self.size, self.seed, self.pad_id, self.shuffle = rows, size, seed, pad_id, shuffle
         self.per_epoch = math.ceil(len(rows) / size)
         self._order: tuple[int, list[int]] | None = None
+        self.last_tokens = 0
 
     def __len__(self) -> int:
         return self.per_epoch
@@ -197,13 +198,18 @@ class MicroBatches:
         chosen = [self.rows[i] for i in self._order[1][position * self.size:(position + 1) * self.size]]
         width = max(len(row["input_ids"]) for row in chosen)
         pad = lambda values, fill: values + [fill] * (width - len(values))  # noqa: E731
+        self.last_tokens = sum(len(row["input_ids"]) for row in chosen)
         batch = {
             "input_ids": torch.tensor([pad(row["input_ids"], self.pad_id) for row in chosen]),
-            "attention_mask": torch.tensor([pad([1] * len(row["input_ids"]), 0) for row in chosen]),
             "labels": torch.tensor([pad(row["labels"], -100) for row in chosen]),
         }
         if "position_ids" in chosen[0]:
+            # Packed rows: without an attention mask (and without a KV cache), transformers builds a block-causal
+            # mask from the position ids, which restart at 0 per example, so examples do not attend to each other.
             batch["position_ids"] = torch.tensor([pad(row["position_ids"], 0) for row in chosen])
+            batch["use_cache"] = False
+        else:
+            batch["attention_mask"] = torch.tensor([pad([1] * len(row["input_ids"]), 0) for row in chosen])
         return batch
 
 

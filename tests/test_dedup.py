@@ -227,6 +227,15 @@ def test_a_killed_shard_is_forgotten_and_the_rerun_gives_the_same_verdicts(tmp_p
     assert rerun == fresh().check_batch(rows)[100:]
 
 
+def test_an_empty_batch_and_the_callers_row_factory():
+    db = sqlite3.connect(":memory:")
+    db.row_factory = lambda cursor, row: {"row": row}  # the caller's choice must not leak into dedup's queries
+    d = Deduplicator(db, DedupSpec())
+    assert d.check_batch([]) == []
+    assert d.check_batch([("a", text(1))]) == [("unique", None)]
+    assert d.check_batch([("b", text(1)), ("c", changed(1, [9]))]) == [("exact", "a"), ("near", "a")]
+
+
 def test_reusing_a_state_with_other_settings_is_refused():
     db = sqlite3.connect(":memory:")
     Deduplicator(db, DedupSpec()).check("a", text(1))

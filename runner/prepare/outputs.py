@@ -10,6 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from forge.contract.plan import Plan, PrepareSpec
+from forge.contract.plan_io import atomic_write_text
+from forge.runner.durable import fsync
 from forge.runner.hashing import sha256_file
 from forge.runner.prepare.pack import pack
 from forge.runner.prepare.stats import ShardStats, report, summary_text
@@ -48,7 +50,7 @@ def write_shard(work: Path, shard: Shard, rows: list[Row], kept: list[Row], spec
                     "findings": [asdict(f) for f in findings]}, sort_keys=True)
         for row, findings, action in shard.findings
     ])
-    _fsync_dir(folder)
+    fsync(folder)
 
 
 def _example_record(row: Row, example, n: int, of: int) -> dict:
@@ -80,29 +82,12 @@ def _write_parquet(path: Path, records: list[dict], packed: bool) -> None:
     table = pa.table({name: pa.array([r[name] for r in records], type=kind) for name, kind in fields}, schema=schema)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.writelines(line + "\n" for line in lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, model_dir: Path) -> dict:

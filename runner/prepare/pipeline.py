@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import time
@@ -136,8 +137,7 @@ def _run_shards(plan: Plan, model_dir: Path, work: Path, db: sqlite3.Connection)
             db.commit()  # the dedup state of this shard and its "done" record land together
             totals.merge(shard.stats)
             progress.advance(len(rows), force=True, **_rates(totals, started))
-        progress.summary = {"rows": totals.rows_in, "kept": totals.kept, "rejected": sum(totals.rejected.values()),
-                            "duplicates": sum(totals.duplicates.values()), "dropped": sum(totals.dropped.values())}
+        progress.summary = {"rows": totals.rows_in, **_rates(totals, started)}
     if not totals.kept:
         raise DataError(f"No usable rows: all {totals.rows_in} were rejected, duplicates or dropped.",
                         "See rejects.jsonl and the stats in the partial output for each row's reason.")
@@ -176,7 +176,8 @@ def _result(target: Path, manifest: dict, cached: bool) -> None:
         status="ok",
         paths={"dataset_dir": str(target), "manifest": str(target / "manifest.json"),
                "rejects": str(target / "rejects.jsonl"), "stats": str(target / "stats.json")},
-        info={"cached": int(cached), "rows_in": acc["rows_in"], "kept": acc["kept"], "rejected": acc["rejected"],
+        info={"cached": int(cached), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "rows_in": acc["rows_in"], "kept": acc["kept"], "rejected": acc["rejected"],
               "duplicates": acc["duplicates"], "dropped_by_policy": acc["dropped_by_policy"],
               **{f"examples_{k}": v for k, v in manifest["stats"]["splits"].items()}},
     )
