@@ -234,3 +234,21 @@ def test_kill_9_at_random_moments_then_rerun_is_byte_identical(tmp_path, model_c
     assert final.returncode == 0, final.stderr[-2000:]
     assert _tree_digest(dataset_dir(plan, smollm2_dir)) == expected
     assert not list((tmp_path / "killed" / "out" / "datasets").glob(".*"))
+
+
+def test_rows_are_read_lazily(tmp_path, model_cache, monkeypatch, messy):
+    """A file is streamed, never held whole: reading the first rows must not pull the rest of the file."""
+    from itertools import islice
+
+    from forge.runner.prepare import pipeline
+    from forge.runner.prepare.sources import RawRecord
+
+    def endless(path):
+        for line in range(1, 10**9):
+            if line > 1000:
+                raise AssertionError("read far past what was asked for")
+            yield RawRecord(line, {"prompt": "p", "completion": "c"}, b"{}")
+
+    monkeypatch.setattr(pipeline, "read_records", endless)
+    plan = make_plan(tmp_path, model_cache, messy[:1])
+    assert len(list(islice(pipeline._rows(plan), 300))) == 300

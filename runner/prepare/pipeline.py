@@ -16,7 +16,7 @@ import resource
 import shutil
 import sqlite3
 import time
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterator
 
@@ -164,7 +164,7 @@ def _rows(plan: Plan) -> Iterator[steps.Row]:
         records = read_records(path)
         head = list(islice(records, 100))
         fmt = steps.file_format(head, spec.format, path.name)
-        for record in [*head, *records]:
+        for record in chain(head, records):  # lazily: a file is never held in memory whole
             yield steps.make_row(path.name, file_hash, record, fmt, dict(spec.tags))
 
 
