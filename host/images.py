@@ -146,10 +146,11 @@ def check_image(tag: str, arch: str) -> ImageInfo:
             f"Forge {__version__}.",
             f"Rebuild it: `forge images build {arch}`.",
         )
-    if info.source != installed_source_digest():
+    host_source = installed_source_digest()
+    if info.source != host_source:
         raise ImageError(
             f"Image {tag} was built from other Forge sources than this host's (source {info.source}, host "
-            f"{installed_source_digest()}), so host and runner could disagree.",
+            f"{host_source}), so host and runner could disagree.",
             f"Rebuild it: `forge images build {arch}` (unchanged layers are cached).",
         )
     return info

@@ -57,7 +57,6 @@ class EventRenderer:
         elif isinstance(event, StageFinished):
             task = self.tasks.get(event.stage)
             if task is not None:
-                total = self.progress.tasks[task].total
                 current = self.progress.tasks[task]
                 metrics = _metrics(event.summary) if event.summary else current.fields["metrics"]
                 self.progress.update(task, completed=current.total if current.total is not None else current.completed,

@@ -102,5 +102,3 @@ def load(path: Path, model, optimizer, scheduler) -> TrainState:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return TrainState(**json.loads((path / "state.json").read_text()))
-
-

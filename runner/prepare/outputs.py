@@ -90,7 +90,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, model_dir: Path) -> dict:
+def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, prints: dict) -> dict:
     """Turn finished shards into the dataset layout; safe to redo if killed halfway (inputs are kept until the end)."""
     from forge.runner.prepare.compliance import ComplianceReport, Finding
 
@@ -125,12 +125,10 @@ def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, model_dir: Pa
         export(work, splits_of(spec))
     manifest = {
         "dataset_version": key,
-        "pipeline_version": _pipeline_version(),
-        "inputs": [{"file": Path(i.path).name, "sha256": sha256_file(Path(i.path)), "format": i.format, "tags": i.tags}
-                   for i in plan.data.inputs],
+        "pipeline_version": prints["pipeline"],
+        "inputs": [{"file": Path(spec.path).name, **hashed} for spec, hashed in zip(plan.data.inputs, prints["inputs"])],
         "model": plan.model.name,
-        "tokenizer": {name: sha256_file(model_dir / name) for name in ("tokenizer.json", "tokenizer_config.json")
-                      if (model_dir / name).is_file()},
+        "tokenizer": prints["tokenizer"],
         "chat_template": plan.model.chat_template,
         "max_length": spec.max_length,
         "labels": spec.labels,
@@ -147,12 +145,6 @@ def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, model_dir: Pa
         leftover.unlink()
     shards.rmdir()
     return manifest
-
-
-def _pipeline_version() -> int:
-    from forge.runner.prepare.pipeline import PIPELINE_VERSION
-
-    return PIPELINE_VERSION
 
 
 def _concat(parts: list[Path], target: Path) -> None:

@@ -34,8 +34,10 @@ PIPELINE_VERSION = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def dataset_key(plan: Plan, model_dir: Path) -> str:
-    from forge.runner.prepare.templates import template_text
+def fingerprint(plan: Plan, model_dir: Path) -> dict:
+    """Everything the output depends on, hashed once: the inputs' content, the config, the tokenizer files, the
+    template text and the pipeline version. The dataset key is its hash; the manifest records it."""
+    from forge.runner.prepare.tokenize import chat_template_for
 
     inputs = []
     for spec in plan.data.inputs:
@@ -43,31 +45,24 @@ def dataset_key(plan: Plan, model_dir: Path) -> str:
         if not path.is_file():
             raise DataError(f"Data file not found in the container: {spec.path}.", "Check data.inputs in forge.yaml.")
         inputs.append({"sha256": sha256_file(path), "format": spec.format, "tags": spec.tags})
-    tokenizer = {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()}
-    return sha256_json({
+    return {
         "pipeline": PIPELINE_VERSION,
         "inputs": inputs,
         "prepare": plan.prepare.model_dump(mode="json"),
-        "tokenizer": tokenizer,
-        "template": sha256_json(_template_for_key(plan, model_dir, template_text)),
-    })
+        "tokenizer": {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()},
+        "template": sha256_json(chat_template_for(plan.model.chat_template, model_dir)),
+    }
 
 
-def _template_for_key(plan: Plan, model_dir: Path, template_text) -> str:
-    if plan.model.chat_template == "model":
-        config = model_dir / "tokenizer_config.json"
-        return json.loads(config.read_text()).get("chat_template", "") if config.is_file() else ""
-    return template_text(plan.model.chat_template)
-
-
-def dataset_dir(plan: Plan, model_dir: Path) -> Path:
-    return Path(plan.output.dir) / "datasets" / dataset_key(plan, model_dir)[:16]
+def dataset_dir(plan: Plan, model_dir: Path, prints: dict | None = None) -> Path:
+    return Path(plan.output.dir) / "datasets" / sha256_json(prints or fingerprint(plan, model_dir))[:16]
 
 
 def prepare(plan: Plan, rebuild: bool = False) -> None:
     model_dir = models.resolve(plan.model, Path(plan.output.model_cache))
     with stage("hash", total=len(plan.data.inputs), unit="files") as progress:
-        target = dataset_dir(plan, model_dir)
+        prints = fingerprint(plan, model_dir)
+        target = dataset_dir(plan, model_dir, prints)
         progress.advance(len(plan.data.inputs))
     work = target.with_name(f".{target.name}.partial")
     if rebuild:
@@ -81,11 +76,11 @@ def prepare(plan: Plan, rebuild: bool = False) -> None:
     work.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(work / "state.sqlite", isolation_level="DEFERRED")
     try:
-        totals = _run_shards(plan, model_dir, work, db)
+        totals = _run_shards(plan, model_dir, work, db, [i["sha256"] for i in prints["inputs"]])
     finally:
         db.close()
     with stage("assemble", total=1, unit="dataset") as progress:
-        manifest = assemble(plan, work, target.name, totals, model_dir)
+        manifest = assemble(plan, work, target.name, totals, prints)
         (work / "state.sqlite").unlink()
         os.replace(work, target)
         progress.advance(1)
@@ -93,7 +88,7 @@ def prepare(plan: Plan, rebuild: bool = False) -> None:
     _result(target, manifest, cached=False)
 
 
-def _run_shards(plan: Plan, model_dir: Path, work: Path, db: sqlite3.Connection) -> ShardStats:
+def _run_shards(plan: Plan, model_dir: Path, work: Path, db: sqlite3.Connection, file_hashes: list[str]) -> ShardStats:
     from forge.runner.prepare.compliance import load_checks
     from forge.runner.prepare.dedup import Deduplicator
     from forge.runner.prepare.pii import make_scrubber
@@ -114,7 +109,7 @@ def _run_shards(plan: Plan, model_dir: Path, work: Path, db: sqlite3.Connection)
         log(f"Resuming: {len(done)} finished shard(s) kept.")
     started = time.monotonic()
     with stage("process", total=total_rows, unit="rows") as progress:
-        for index, rows in enumerate(_shards(plan, spec.shard_rows)):
+        for index, rows in enumerate(_shards(plan, file_hashes, spec.shard_rows)):
             if index in done:
                 totals.merge(done[index])
                 progress.advance(len(rows), force=True, **_rates(totals, started))
@@ -150,20 +145,19 @@ def _rates(totals: ShardStats, started: float) -> dict:
             "duplicates": sum(totals.duplicates.values()), "dropped": sum(totals.dropped.values())}
 
 
-def _shards(plan: Plan, size: int) -> Iterator[list[steps.Row]]:
+def _shards(plan: Plan, file_hashes: list[str], size: int) -> Iterator[list[steps.Row]]:
     """Shard boundaries are a pure function of the inputs: every `size` records in input order."""
-    rows = _rows(plan)
+    rows = _rows(plan, file_hashes)
     while chunk := list(islice(rows, size)):
         yield chunk
 
 
-def _rows(plan: Plan) -> Iterator[steps.Row]:
-    for spec in plan.data.inputs:
+def _rows(plan: Plan, file_hashes: list[str]) -> Iterator[steps.Row]:
+    for spec, file_hash in zip(plan.data.inputs, file_hashes, strict=True):
         path = Path(spec.path)
-        file_hash = sha256_file(path)
         records = read_records(path)
         head = list(islice(records, 100))
-        fmt = steps.file_format(head, spec.format, path.name)
+        fmt = steps.file_format(head, spec.format)
         for record in chain(head, records):  # lazily: a file is never held in memory whole
             yield steps.make_row(path.name, file_hash, record, fmt, dict(spec.tags))
 

@@ -15,7 +15,7 @@ from forge.runner.prepare.clean import clean_messages
 from forge.runner.prepare.rows import FORMATS, Invalid, detect_format, to_conversation
 from forge.runner.prepare.sources import RawRecord
 from forge.runner.prepare.stats import ShardStats
-from forge.runner.prepare.tokenize import IGNORE, Encoded, apply_length_policy
+from forge.runner.prepare.tokenize import Encoded, apply_length_policy
 
 
 @dataclass
@@ -61,7 +61,7 @@ def make_row(source: str, file_hash: str, record: RawRecord, fmt: str, tags: dic
                input_hash=hashlib.sha256(record.raw).hexdigest()[:16], record=record, fmt=fmt, base_tags=tags)
 
 
-def file_format(records: list[RawRecord], declared: str, source: str) -> str:
+def file_format(records: list[RawRecord], declared: str) -> str:
     """The declared format, or the one the file's first recognisable record has."""
     if declared != "auto":
         return declared
@@ -231,7 +231,3 @@ def count_kept(shard: Shard, rows: list[Row], spec: PrepareSpec) -> None:
 def audit_line(row: Row) -> str:
     return json.dumps({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_hash,
                        "steps": row.audit}, sort_keys=True, ensure_ascii=False)
-
-
-def labelled(example: Encoded) -> bool:
-    return any(label != IGNORE for label in example.labels)

@@ -37,14 +37,9 @@ class ChatTokenizer:
     def __init__(self, model_dir: Path, chat_template: str) -> None:
         from tokenizers import Tokenizer
 
-        from forge.runner.prepare.templates import template_text
-
-        config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = _tokenizer_config(model_dir)
         self.special = {name: _token_text(config[name]) for name in self.SPECIAL if config.get(name)}
-        own_file = model_dir / "chat_template.jinja"
-        self.chat_template = config.get("chat_template") or (own_file.read_text() if own_file.is_file() else None)
-        self.chat_template = template_text(chat_template, self)
+        self.chat_template = chat_template_for(chat_template, model_dir)
         if not (model_dir / "tokenizer.json").is_file():
             raise ConfigError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required).",
                               "Save the model's tokenizer with a recent transformers, which writes tokenizer.json.")
@@ -61,6 +56,23 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def chat_template_for(spec: str, model_dir: Path) -> str:
+    """The template text a plan asks for: the model's own (in tokenizer_config.json, or chat_template.jinja as
+    transformers 5 saves it), a named one, or a Jinja file."""
+    from types import SimpleNamespace
+
+    from forge.runner.prepare.templates import template_text
+
+    own_file = model_dir / "chat_template.jinja"
+    own = _tokenizer_config(model_dir).get("chat_template") or (own_file.read_text() if own_file.is_file() else None)
+    return template_text(spec, SimpleNamespace(chat_template=own))
 
 
 def _token_text(value) -> str:
