@@ -18,6 +18,9 @@ class ForgeError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):  # keep the hint when an error crosses from a worker process
+        return type(self), (self.message, self.hint)
+
 
 class ConfigError(ForgeError):
     """forge.yaml, a CLI option or a catalog entry is invalid."""

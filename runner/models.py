@@ -104,6 +104,11 @@ def _fresh_tmp(target: Path) -> Path:
 
 def _finish(tmp: Path, target: Path, marker: dict) -> None:
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+    # Readable by every user: the cache is shared by the host user and the image's user, and transformers
+    # writes weights 0600. Weights are not secrets (tokens never reach the cache).
+    tmp.chmod(0o755)
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     try:
         os.replace(tmp, target)
     except OSError:  # another runner finished first: theirs is as good as ours

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from forge.runner import checkpoint, models, stop
 from forge.runner.emit import also_write_to, emit, log, stage
 from forge.runner.hashing import sha256_json
 from forge.runner.prepare.pipeline import dataset_dir
+from forge.runner.resources import peak_rss_mb
 
 MAX_GRAD_NORM = 1.0
 
@@ -128,7 +128,7 @@ def _loop(plan, model, batches, optimizer, scheduler, state, total_steps: int, r
             state.step += 1
             state.history.append({"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
             progress.advance(1, force=True, loss=step_loss, lr=lr, grad_norm=grad_norm,
-                             tokens_per_s=tokens_seen / max(time.monotonic() - started, 1e-9), rss_mb=_peak_rss_mb())
+                             tokens_per_s=tokens_seen / max(time.monotonic() - started, 1e-9), rss_mb=peak_rss_mb())
             due = state.step % plan.train.save_every == 0 or state.step == total_steps
             if due or stop.requested.is_set():
                 checkpoint.save(run_dir / "checkpoints", state, model, optimizer, scheduler, plan.train.keep_last)
@@ -165,7 +165,7 @@ def _finish(plan, model, dataset: Path, run_dir: Path, state, total_steps: int, 
         "final_loss": state.history[-1]["loss"] if state.history else None,
         "val_loss": val_loss,
         "perplexity": math.exp(val_loss) if val_loss is not None else None,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "history": state.history,
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -223,10 +223,6 @@ def _read_split(dataset: Path, split: str) -> list[dict]:
         columns = [c for c in ("input_ids", "labels", "position_ids") if c in table.column_names]
         rows.extend(table.select(columns).to_pylist())
     return rows
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _result(run_dir: Path, metrics: dict) -> None:

@@ -32,3 +32,9 @@ def test_local_model_directory_needs_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     name, entry, source = catalog.resolve_model(str(tmp_path))
     assert (name, entry, source.kind, source.path) == (tmp_path.name, None, "local", str(tmp_path.resolve()))
+
+
+def test_the_converted_model_is_readable_by_the_images_user_too(smollm2_dir):
+    """The model cache is shared by the host user and the image's user (uid 1000): transformers writes weights
+    0600, which the other could not read."""
+    assert {oct(path.stat().st_mode & 0o444) for path in smollm2_dir.iterdir()} == {oct(0o444)}

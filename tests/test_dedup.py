@@ -227,6 +227,38 @@ def test_a_killed_shard_is_forgotten_and_the_rerun_gives_the_same_verdicts(tmp_p
     assert rerun == fresh().check_batch(rows)[100:]
 
 
+def test_forget_after_unregisters_later_rows_as_if_never_checked(tmp_path, monkeypatch):
+    """The pipeline commits rows checked ahead of the shard it writes; a resumed run cuts the state back to
+    the last written shard's `last_seq` and must then give exactly an unbroken run's verdicts."""
+    monkeypatch.setattr(dedup_module, "MERGE_ROWS", 10)  # some forgotten rows' band keys were merged too
+    rows = mixed_rows(200)
+    db = sqlite3.connect(tmp_path / "state.sqlite", isolation_level="DEFERRED")
+    d = Deduplicator(db, DedupSpec())
+    d.check_batch(rows[:100])
+    written = d.last_seq
+    d.check_batch(rows[100:160])  # the next shard, half done when the process died
+    db.commit()
+    db.close()
+
+    db = sqlite3.connect(tmp_path / "state.sqlite", isolation_level="DEFERRED")
+    resumed = Deduplicator(db, DedupSpec())
+    assert resumed.last_seq > written
+    resumed.forget_after(written)
+    assert resumed.last_seq == written
+    assert resumed.check_batch(rows[100:]) == fresh().check_batch(rows)[100:]
+
+
+def test_the_key_filter_only_skips_lookups(monkeypatch):
+    """A clear bit in the band-key filter skips a lookup; it must never hide a stored row. A 16-bit filter
+    lets nearly every lookup through, so both must find the same near duplicates across chunks."""
+    rows = mixed_rows()
+    monkeypatch.setattr(dedup_module, "CHUNK_ROWS", 7)
+    expected = fresh().check_batch(rows)
+    assert {verdict for verdict, _ in expected} == {"unique", "exact", "near"}
+    monkeypatch.setattr(dedup_module, "FILTER_BITS", 4)
+    assert fresh().check_batch(rows) == expected
+
+
 def test_an_empty_batch_and_the_callers_row_factory():
     db = sqlite3.connect(":memory:")
     db.row_factory = lambda cursor, row: {"row": row}  # the caller's choice must not leak into dedup's queries

@@ -1,5 +1,6 @@
 """Packed sequences train as if each example were alone: no attention across example boundaries."""
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -14,7 +15,9 @@ def test_packed_example_sees_only_itself(smollm2_dir):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     first, second = list(range(100, 140)), list(range(500, 520))
-    (row,) = pack([("a", Encoded(first, [IGNORE] * 40)), ("b", Encoded(second, [IGNORE] * 20))], 64)
+    (packed_row,) = pack([("a", Encoded(np.array(first), np.full(40, IGNORE))),
+                          ("b", Encoded(np.array(second), np.full(20, IGNORE)))], 64)
+    row = {key: np.asarray(value).tolist() for key, value in packed_row.items()}  # as read back from Parquet
     batch = MicroBatches([row], 1, 0, 0, shuffle=False).get(0)
     assert "attention_mask" not in batch and batch["position_ids"][0, 40].item() == 0
     with torch.no_grad():

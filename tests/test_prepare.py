@@ -199,19 +199,19 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_kill_9_at_random_moments_then_rerun_is_byte_identical(tmp_path, model_cache, smollm2_dir):
-    """The runner's prepare is killed with SIGKILL three times at random moments; each rerun resumes, and
-    the final output is byte-identical to an uninterrupted run's."""
+    """The runner's prepare (two worker processes) is killed with SIGKILL three times at random moments; each
+    rerun resumes, and the final output is byte-identical to an uninterrupted run's in one process."""
     sys.path.insert(0, str(REPO / "bench"))
     from generate import make_pairs, write
 
     data = tmp_path / "data"
-    write(make_pairs(6000, seed=1), data)
+    write(make_pairs(24000, seed=1), data)
     files = sorted(data.iterdir())
-    reference = make_plan(tmp_path / "reference", model_cache, files, shard_rows=500)
+    reference = make_plan(tmp_path / "reference", model_cache, files, shard_rows=2000, workers=1)
     prepare(reference)
     expected = _tree_digest(dataset_dir(reference, smollm2_dir))
 
-    plan = make_plan(tmp_path / "killed", model_cache, files, shard_rows=500)
+    plan = make_plan(tmp_path / "killed", model_cache, files, shard_rows=2000, workers=2)
     config = tmp_path / "killed" / "forge.yaml"
     rng = random.Random(7)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -222,7 +222,8 @@ def test_kill_9_at_random_moments_then_rerun_is_byte_identical(tmp_path, model_c
         target = rng.uniform(0.1, 0.95)
         for line in child.stdout:  # kill once processing has passed a random point, after a random delay
             event = json.loads(line) if line.startswith("{") else {}
-            if event.get("kind") == "progress" and event.get("stage") == "process" and event["done"] >= target * event["total"]:
+            if (event.get("kind") == "progress" and event.get("stage") == "process" and event["total"]
+                    and event["done"] >= target * event["total"]):
                 time.sleep(rng.uniform(0, 0.3))
                 child.send_signal(signal.SIGKILL)
                 kills += 1
@@ -234,6 +235,25 @@ def test_kill_9_at_random_moments_then_rerun_is_byte_identical(tmp_path, model_c
     assert final.returncode == 0, final.stderr[-2000:]
     assert _tree_digest(dataset_dir(plan, smollm2_dir)) == expected
     assert not list((tmp_path / "killed" / "out" / "datasets").glob(".*"))
+    assert '"workers":2' in final.stdout or "Inputs and settings unchanged" in final.stdout
+
+
+def test_any_worker_count_writes_the_same_bytes(tmp_path, model_cache, smollm2_dir):
+    """Dedup runs in input order in the runner; the steps after it in workers: the dataset, its key and every
+    report must not depend on how many there are."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from generate import make_pairs, write
+
+    data = tmp_path / "data"
+    write(make_pairs(3000, seed=2), data)
+    datasets = []
+    for workers in (1, 2):
+        plan = make_plan(tmp_path / f"workers-{workers}", model_cache, sorted(data.iterdir()), shard_rows=1000,
+                         workers=workers)
+        prepare(plan)
+        datasets.append(dataset_dir(plan, smollm2_dir))
+    assert datasets[0].name == datasets[1].name
+    assert _tree_digest(datasets[0]) == _tree_digest(datasets[1])
 
 
 def test_rows_are_read_lazily(tmp_path, model_cache, monkeypatch, messy):
@@ -251,4 +271,4 @@ def test_rows_are_read_lazily(tmp_path, model_cache, monkeypatch, messy):
 
     monkeypatch.setattr(pipeline, "read_records", endless)
     plan = make_plan(tmp_path, model_cache, messy[:1])
-    assert len(list(islice(pipeline._rows(plan, ["0" * 64]), 300))) == 300
+    assert len(list(islice(pipeline._records(plan, ["0" * 64]), 300))) == 300

@@ -11,7 +11,7 @@ import zstandard
 
 from forge.runner.prepare.clean import clean_messages, clean_text
 from forge.runner.prepare.rows import Invalid, detect_format, to_conversation
-from forge.runner.prepare.sources import count_records, read_records
+from forge.runner.prepare.sources import count_records, decode, read_records
 
 ALPACA = {"instruction": "Say hi", "input": "to Ann", "output": "Hi Ann!", "tags": {"source": "human", "level": 2}}
 MESSAGES = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -60,6 +60,26 @@ def test_bad_records_are_rejected_with_their_reason(value, fmt, reason):
     assert err.value.reason == reason and str(err.value)
 
 
+def test_cleaning_fast_path_changes_nothing():
+    """ASCII text with nothing to fix skips the full cleaning; both must give the same result on any text."""
+    import random
+
+    from forge.runner.prepare.clean import _clean
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "  ", "\t", "\n", "\r", "\r\n", "\n\n\n", "\x07", "\x7f", "\x85", "\u00a0", "é", "e\u0301",
+                "\u200b", "."]
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        try:
+            expected = _clean(text)
+        except Invalid:
+            with pytest.raises(Invalid):
+                clean_text(text)
+            continue
+        assert clean_text(text) == expected, repr(text)
+
+
 def test_cleaning_normalises_and_rejects_control_characters():
     assert clean_text("e\u0301 \u00a0x  \r\nnext\n\n\n\nend\u200b ") == "\u00e9  x\nnext\n\nend"
     assert clean_text("    indented\tcode") == "indented\tcode"
@@ -84,7 +104,7 @@ def test_every_file_type_and_compression(tmp_path):
         writer.writeheader()
         writer.writerows([PROMPT, PROMPT])
     for path in sorted(tmp_path.iterdir()):
-        records = list(read_records(path))
+        records = [decode(r) for r in read_records(path)]
         assert len(records) == count_records(path) == 2, path.name
         assert all(r.problem is None and r.raw for r in records), path.name
         assert records[-1].value == PROMPT, path.name
@@ -94,5 +114,5 @@ def test_every_file_type_and_compression(tmp_path):
 def test_undecodable_records_are_yielded_with_their_problem(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{broken\n\n{"prompt": "caf\xe9"}\n')
-    records = list(read_records(path))
+    records = [decode(r) for r in read_records(path)]
     assert [(r.line, r.problem and r.problem[0]) for r in records] == [(1, None), (2, "malformed_json"), (4, "invalid_utf8")]

@@ -3,7 +3,7 @@
 import pytest
 
 from forge.errors import ConfigError
-from forge.runner.prepare.templates import NAMED
+from forge.runner.prepare.templates import NAMED, misfit
 from forge.runner.prepare.tokenize import IGNORE, Encoder, load_tokenizer
 
 CHAT = [
@@ -15,7 +15,7 @@ CHAT = [
 
 
 def learned(tokenizer, ids, labels) -> str:
-    return tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE])
+    return tokenizer.decode([int(t) for t, label in zip(ids, labels) if label != IGNORE])
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_same_text_and_ids_as_transformers(tokenizer, smollm2_dir):
     text = reference.apply_chat_template(CHAT, tokenize=False)
     ((ids, _),) = Encoder(tokenizer).encode_batch([CHAT])
     assert tokenizer.render(CHAT) == text and text.startswith("<|im_start|>system\n")
-    assert ids == reference(text, add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == reference(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("mode, expected", [
@@ -46,7 +46,7 @@ def test_label_modes(tokenizer, mode, expected):
 
 def test_whole_sequence_learns_everything(tokenizer):
     ((ids, labels),) = Encoder(tokenizer, "whole_sequence").encode_batch([CHAT])
-    assert labels == ids
+    assert labels.tolist() == ids.tolist()
 
 
 def test_fast_spans_agree_with_rendering_each_prefix(tokenizer):
@@ -69,7 +69,47 @@ def test_custom_template_file_and_missing_one(tmp_path, smollm2_dir):
                         "{% if add_generation_prompt %}assistant: {% endif %}")
     tokenizer = load_tokenizer(smollm2_dir, str(template))
     ((ids, labels),) = Encoder(tokenizer).encode_batch([CHAT[:2]])
-    assert tokenizer.decode(ids) == "user: Name a colour.\nassistant: Red.\n"
+    assert tokenizer.decode(ids.tolist()) == "user: Name a colour.\nassistant: Red.\n"
     assert learned(tokenizer, ids, labels) == " Red.\n"  # byte-level BPE: the space belongs to the answer token
     with pytest.raises(ConfigError):
         load_tokenizer(smollm2_dir, str(tmp_path / "nope.jinja"))
+
+
+@pytest.mark.parametrize("template", ["model", "bare"])
+def test_batch_labels_match_labelling_each_row_alone(smollm2_dir, tmp_path, template):
+    """Labels for a whole batch must be what each row's spans give it alone: a token is learned iff it
+    overlaps a learned span. The bare template ends a turn with nothing, so a span can end inside a
+    multi-byte character that byte-level BPE splits into several tokens."""
+    if template == "bare":
+        (tmp_path / "bare.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}")
+        template = str(tmp_path / "bare.jinja")
+    tokenizer = load_tokenizer(smollm2_dir, template)
+    encoder = Encoder(tokenizer)
+    batch = [CHAT, CHAT[:2], [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "y"}],
+             [{"role": "system", "content": "Be terse."}, *CHAT],
+             [{"role": "user", "content": "🎉 Party?"}, {"role": "assistant", "content": "🎉🎉 wörld 日本語🎉"}],
+             [{"role": "user", "content": "Émoji"}, {"role": "assistant", "content": "é"}]]
+    for conversation, (ids, labels) in zip(batch, encoder.encode_batch(batch), strict=True):
+        text, spans = encoder.render(conversation)
+        (encoding,) = tokenizer.encode([text])
+        expected = [token if any(s < end and e > start for s, e in spans) else IGNORE
+                    for token, (start, end) in zip(encoding.ids, encoding.offsets)]
+        assert ids.tolist() == encoding.ids and labels.tolist() == expected
+
+
+@pytest.mark.parametrize("name", ["model", *NAMED])
+@pytest.mark.parametrize("mode", ["all_assistant", "last_turn", "whole_sequence"])
+def test_fixed_prefix_is_tokenized_once_with_the_same_result(smollm2_dir, name, mode):
+    """The rendered start every row shares (SmolLM2's default system prompt) is tokenized once; ids and labels
+    must be exactly what tokenizing each whole text gives."""
+    tokenizer = load_tokenizer(smollm2_dir, name)
+    cached, plain = Encoder(tokenizer, mode), Encoder(tokenizer, mode)
+    plain.prefix, plain.prefix_ids = "", []
+    batch = [CHAT, CHAT[:2], [{"role": "system", "content": "Be terse."}, *CHAT],
+             [{"role": "user", "content": "<|im_start|> sneaky"}, {"role": "assistant", "content": "🎉 ok\n\n"}],
+             [{"role": "user", "content": " leading space"}, {"role": "assistant", "content": "日本語"}]]
+    batch = [conversation for conversation in batch if misfit(name, conversation) is None]
+    for (ids, labels), (expected_ids, expected_labels) in zip(cached.encode_batch(batch), plain.encode_batch(batch)):
+        assert ids.tolist() == expected_ids.tolist() and labels.tolist() == expected_labels.tolist()
+    if name in ("model", "qwen"):  # templates with a default system prompt: the cache has real work to save
+        assert len(cached.prefix_ids) > 10

@@ -157,6 +157,8 @@ class PrepareSpec(Strict):
     compliance: ComplianceSpec = ComplianceSpec()
     shard_rows: int = Field(20000, ge=100, description="Rows per shard; bounds memory (sized from RAM by the planner)")
     export_litdata: bool = Field(False, description="Also write LitData's optimized format")
+    workers: int | None = Field(None, ge=1, description="Worker processes; default one per usable CPU. "
+                                "Any count writes the same bytes")
 
 
 class LoraSpec(Strict):

@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from forge.contract.plan import CheckSpec, ComplianceSpec, PiiSpec
 from forge.errors import ConfigError
@@ -103,17 +103,14 @@ def builtin_lexicon(name: str) -> Mapping[str, str]:
 
 def _trie_pattern(terms: Iterable[str]) -> str:
     """An alternation shaped like a trie, so the regex follows one branch per character instead of
-    trying every term at every position. Each first letter is a plain literal with the word-boundary
-    check after it, which lets `re` jump straight to candidate letters (over twice as fast as a
-    leading lookbehind with IGNORECASE; the text is lower-cased instead)."""
+    trying every term at every position; the text is lower-cased instead of matching with IGNORECASE."""
     trie: dict[str, dict] = {}
     for term in terms:
         node = trie
         for char in term:
             node = node.setdefault(char, {})
         node[""] = {}
-    firsts = [_atom(char) + r"(?<!\w.)" + _node_pattern(child) for char, child in sorted(trie.items())]
-    return "|".join(firsts) or "(?!)"
+    return _node_pattern(trie) if trie else "(?!)"
 
 
 def _atom(char: str) -> str:
@@ -133,11 +130,11 @@ class Lexicon:
 
     def __init__(self, severities: Mapping[str, str]) -> None:
         self.severities = dict(severities)
-        self._pattern = re.compile(rf"(?:{_trie_pattern(self.severities)})(?!\w)")
+        self._pattern = re.compile(rf"(?<!\w)(?:{_trie_pattern(self.severities)})(?!\w)")
 
-    def terms_in(self, text: str) -> Iterator[str]:
-        for match in self._pattern.finditer(text.lower()):
-            yield _normal(match.group())
+    def terms_in(self, text: str) -> list[str]:
+        found = self._pattern.findall(text.lower())
+        return [_normal(term) for term in found] if found else found
 
 
 # --- built-in checks --------------------------------------------------------------------------------------
@@ -184,7 +181,11 @@ def _lexicon_check(category: str, name: str, options: Mapping[str, Any]) -> Chec
         seen: Counter[tuple[str, str]] = Counter()
         for message in messages:
             if not roles or message["role"] in roles:
-                seen.update((term, message["role"]) for term in lexicon.terms_in(message["content"]))
+                terms = lexicon.terms_in(message["content"])
+                if terms:  # most rows have none: skip building the pairs
+                    seen.update((term, message["role"]) for term in terms)
+        if not seen:
+            return []
         found = [(lexicon.severities[term], term, role, count) for (term, role), count in seen.items()]
         return [
             Finding(name, category, severity, f'"{term}" ×{count} in {role} turns')

@@ -25,13 +25,15 @@ prefix sums, combined per n-gram: no Python call per word or shingle, which is w
 rows fast enough. Everything is a pure function of the text, with no Python `hash()` (salted per
 process), so results are identical across processes and runs.
 
-State, in the caller's connection (tables `dedup_*`): one row per unique row (its id and its
-signature as uint32 bytes), exact digests, LSH band keys (indexed, see MERGE_ROWS). Nothing that
-grows is kept in Python between calls, so memory stays flat as the dataset grows, bounded by SQLite's
-page cache (CACHE_KIB) and one chunk of rows (CHUNK_ROWS, CHUNK_CHARS). Transactions are the
-caller's: nothing here commits, so a rollback forgets exactly the rows checked since the last commit,
-and the pipeline commits this state together with its "shard done" record. Keep `PRAGMA mmap_size`
-at 0 (the default) on this connection, or mapped pages count toward RSS as the database grows.
+State, in the caller's connection (tables `dedup_*`): one row per unique row (its id, its registration
+order `seq` and its signature as uint32 bytes), exact digests, LSH band keys (indexed, see MERGE_ROWS).
+What grows is kept in SQLite, so memory stays flat as the dataset grows, bounded by SQLite's page cache
+(CACHE_KIB), one chunk of rows (CHUNK_ROWS, CHUNK_CHARS) and a fixed-size bitset of the band keys
+stored (FILTER_BITS), which lets most rows skip the index lookups: a key whose bit is clear has no
+stored row. Transactions are the caller's: nothing here commits. The pipeline may commit rows checked
+after the ones it has written out; `last_seq` tells it where its own rows end, and `forget_after` cuts
+a resumed state back to that point. Keep `PRAGMA mmap_size` at 0 (the default) on this connection, or
+mapped pages count toward RSS as the database grows.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from hashlib import blake2b
 
@@ -58,13 +61,14 @@ CHUNK_CHARS = 2_000_000
 # `dedup_band_recent` instead, merged into `dedup_band` in key order (one pass over it) whenever it
 # holds this many rows' keys. Lookups read both; the split is invisible in the results.
 MERGE_ROWS = 100_000
-SHINGLES_PER_BLOCK = 8192  # shingles x num_perm uint32 values alive at once while sketching
+SHINGLES_PER_BLOCK = 4096  # shingles x num_perm uint32 values alive at once while sketching
 # LSH weights for datasketch's (bands, rows) optimisation. MinHashLSH weighs both 0.5, which at 0.8
 # makes a pair with Jaccard 0.85 a candidate only 69% of the time. A false positive here costs one
 # signature comparison (every candidate is verified), a false negative is a duplicate kept, so
 # misses weigh 0.9: at 0.8 / 128 permutations that gives 14 bands of 9 instead of 9 of 13.
 FALSE_POSITIVE_WEIGHT = 0.1
 FALSE_NEGATIVE_WEIGHT = 0.9
+FILTER_BITS = 28  # 2**28 bits (32 MiB): about 1% of lookups pass by chance at 100k rows, 5% at 1M
 _SQL_VARS = 500  # values per IN (...) query, under every SQLite's variable limit
 _INSERT_ROWS = 100  # rows per multi-row INSERT (<= 999 variables for any SQLite)
 _WORD_SPAN = 1 << 18  # bytes of text whose words are hashed together (bounds the prefix-sum arrays)
@@ -293,14 +297,63 @@ def _insert_many(cur: sqlite3.Cursor, into: str, rows: list) -> None:
                     [value for row in rows[full:] for value in row])
 
 
+@dataclass(frozen=True)
+class Sketches:
+    """What dedup needs of a batch of texts, computed without the state: exact digests (when exact is on),
+    MinHash signatures and their LSH band keys (when near is on)."""
+
+    digests: list[bytes]
+    signatures: np.ndarray | None
+    keys: np.ndarray | None
+
+
+class Sketcher:
+    """The pure half of dedup: a function of the texts and the spec alone, so workers can run it in parallel."""
+
+    def __init__(self, spec: DedupSpec) -> None:
+        self.spec = spec
+        self.bands, self.rows_per_band = band_params(spec.threshold, spec.num_perm) if spec.near else (0, 0)
+        self._minhash = _Sketcher(spec.num_perm, spec.shingle_words, self.bands, self.rows_per_band) if spec.near else None
+
+    def sketch(self, texts: Sequence[str]) -> Sketches:
+        """Sketches of one chunk (keep it to about CHUNK_ROWS rows and CHUNK_CHARS characters)."""
+        normalised = [normalise_for_dedup(text) for text in texts]
+        digests = [_digest(text) for text in normalised] if self.spec.exact else []
+        if not self.spec.near:
+            return Sketches(digests, None, None)
+        signatures = self._minhash.signatures(normalised)
+        return Sketches(digests, signatures, self._minhash.band_keys(signatures))
+
+
+class _KeyFilter:
+    """A bitset over band keys: a clear bit means no stored row has that key (set bits may be chance)."""
+
+    def __init__(self, bits: int | None = None) -> None:
+        bits = bits or FILTER_BITS
+        self._mask = np.uint64((1 << bits) - 1)
+        self._bytes = np.zeros(1 << (bits - 3), dtype=np.uint8)
+
+    def _slots(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = keys.view(np.uint64) & self._mask
+        return (index >> np.uint64(3)).astype(np.int64), (np.uint8(1) << (index & np.uint64(7)).astype(np.uint8))
+
+    def add(self, keys: np.ndarray) -> None:
+        where, bit = self._slots(keys)
+        np.bitwise_or.at(self._bytes, where, bit)
+
+    def may_contain(self, keys: np.ndarray) -> np.ndarray:
+        where, bit = self._slots(keys)
+        return (self._bytes[where] & bit) != 0
+
+
 class Deduplicator:
     """First-occurrence-wins dedup whose state lives in `db`; see the module docstring."""
 
     def __init__(self, db: sqlite3.Connection, spec: DedupSpec) -> None:
         self._db = db
         self._spec = spec
-        bands, rows_per_band = band_params(spec.threshold, spec.num_perm) if spec.near else (0, 0)
-        self._sketcher = _Sketcher(spec.num_perm, spec.shingle_words, bands, rows_per_band) if spec.near else None
+        self.sketcher = Sketcher(spec)
+        bands, rows_per_band = self.sketcher.bands, self.sketcher.rows_per_band
         cur = self._cursor()
         cur.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         for statement in _SCHEMA:
@@ -315,6 +368,25 @@ class Deduplicator:
                 f"This dedup state was built with {stored[0]}, not {json.dumps(wanted, sort_keys=True)}: "
                 "rows checked under other settings cannot be compared. Use a fresh database or the same dedup settings."
             )
+        self.last_seq = cur.execute("SELECT COALESCE(MAX(seq), 0) FROM dedup_row").fetchone()[0]
+        self._filter = self._load_filter(cur) if spec.near else None
+
+    def forget_after(self, seq: int) -> None:
+        """Unregister every row after `seq`, as if they had never been checked (a resumed run's rows that
+        were committed ahead of their shard)."""
+        cur = self._cursor()
+        for table in ("dedup_row", "dedup_exact", "dedup_band", "dedup_band_recent"):
+            cur.execute(f"DELETE FROM {table} WHERE seq > ?", (seq,))
+        self.last_seq = min(self.last_seq, seq)
+        self._filter = self._load_filter(cur) if self._spec.near else None
+
+    @staticmethod
+    def _load_filter(cur: sqlite3.Cursor) -> _KeyFilter:
+        keys = _KeyFilter()
+        cur.execute("SELECT key FROM dedup_band UNION ALL SELECT key FROM dedup_band_recent")
+        while batch := cur.fetchmany(1 << 16):
+            keys.add(np.array(batch, dtype=np.int64).ravel())
+        return keys
 
     def check(self, row_id: str, text: str) -> Verdict:
         """("unique", None), ("exact", first_row_id) or ("near", first_row_id); a unique row is registered."""
@@ -331,7 +403,9 @@ class Deduplicator:
             while end < min(start + CHUNK_ROWS, len(items)) and chars + len(items[end][1]) <= CHUNK_CHARS:
                 chars += len(items[end][1])
                 end += 1
-            verdicts.extend(self._check_chunk(items[start:end]))
+            chunk = items[start:end]
+            verdicts.extend(self.check_sketched([row_id for row_id, _ in chunk],
+                                                self.sketcher.sketch([text for _, text in chunk])))
             start = end
         return verdicts
 
@@ -340,24 +414,24 @@ class Deduplicator:
         cur.row_factory = None  # plain tuples whatever the caller's connection uses
         return cur
 
-    def _check_chunk(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
+    def check_sketched(self, ids: Sequence[str], sketches: Sketches) -> list[Verdict]:
+        """The verdicts for one chunk of rows in order, from their sketches (`self.sketcher.sketch`)."""
+        if not (self._spec.exact or self._spec.near):
+            return [("unique", None)] * len(ids)
         spec, cur = self._spec, self._cursor()
-        ids = [row_id for row_id, _ in items]
-        texts = [normalise_for_dedup(text) for _, text in items]
-        digests = [_digest(text) for text in texts] if spec.exact else []
+        digests, signatures, keys = sketches.digests, sketches.signatures, sketches.keys
         known_exact = dict(self._select_in(cur, "SELECT e.digest, r.row_id FROM dedup_exact e "
                                                 "JOIN dedup_row r ON r.seq = e.seq WHERE e.digest IN", set(digests)))
         if spec.near:
-            signatures = self._sketcher.signatures(texts)
-            keys = self._sketcher.band_keys(signatures)
-            lookup = [i for i in range(len(items)) if not spec.exact or digests[i] not in known_exact]
+            lookup = [i for i in range(len(ids)) if not spec.exact or digests[i] not in known_exact]
             key_seqs, stored = self._stored_candidates(cur, keys[lookup])
             has_stored = np.isin(keys, np.fromiter(key_seqs, dtype=np.int64, count=len(key_seqs))).any(axis=1)
             earlier = _earlier_rows_sharing_a_key(keys)
 
+        # from the state, not memory: a caller's rollback may have dropped rows registered since
         next_seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM dedup_row").fetchone()[0]
         new_exact: dict[bytes, str] = {}  # digest -> row id, unique rows of this chunk
-        registered = np.zeros(len(items), dtype=bool)
+        registered = np.zeros(len(ids), dtype=bool)
         verdicts: list[Verdict] = []
         for i, row_id in enumerate(ids):
             if spec.exact:
@@ -394,12 +468,15 @@ class Deduplicator:
                 order = np.lexsort((band_seqs, band_keys))
                 _insert_many(cur, "OR IGNORE INTO dedup_band_recent (key, seq)",  # OR IGNORE: a 2**-64 key collision
                              np.column_stack((band_keys[order], band_seqs[order])).tolist())
+                self._filter.add(band_keys)
                 self._merge_bands(cur, last_seq=int(seqs[-1]))
+            self.last_seq = int(seqs[-1])
         return verdicts
 
     def _stored_candidates(self, cur: sqlite3.Cursor, keys: np.ndarray) -> tuple[dict[int, list[int]], dict]:
         """Registered rows sharing a band key with these: {key: [seq]} and {seq: (row id, signature)}."""
-        wanted = set(keys.ravel().tolist())
+        flat = keys.ravel()
+        wanted = set(flat[self._filter.may_contain(flat)].tolist())
         key_seqs: dict[int, list[int]] = {}
         for table in ("dedup_band", "dedup_band_recent"):
             for key, seq in self._select_in(cur, f"SELECT key, seq FROM {table} WHERE key IN", wanted):

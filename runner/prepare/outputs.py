@@ -9,13 +9,15 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from forge.contract.plan import Plan, PrepareSpec
 from forge.contract.plan_io import atomic_write_text
 from forge.runner.durable import fsync
 from forge.runner.hashing import sha256_file
 from forge.runner.prepare.pack import pack
 from forge.runner.prepare.stats import ShardStats, report, summary_text
-from forge.runner.prepare.steps import Row, Shard, audit_line
+from forge.runner.prepare.steps import Row, Shard, audit_line, line_json
 
 SPLITS = ("train", "val", "test")
 REMOVAL_FILES = {"rejected": "rejects", "duplicates": "duplicates", "dropped": "dropped"}
@@ -25,42 +27,45 @@ def splits_of(spec: PrepareSpec) -> list[str]:
     return [name for name in SPLITS if name == "train" or getattr(spec.split, name) > 0]
 
 
-def write_shard(work: Path, shard: Shard, rows: list[Row], kept: list[Row], spec: PrepareSpec) -> None:
+def write_shard(work: Path, shard: Shard, spec: PrepareSpec) -> None:
     folder = work / "shards"
     folder.mkdir(exist_ok=True)
     tag = f"{shard.index:05d}"
+    kept = shard.kept()
     for split in splits_of(spec):
         examples = [(row, example) for row in kept if row.split == split for example in row.examples]
         if spec.packing:
             records = pack([(row.id, example) for row, example in examples], spec.max_length)
-            shard.stats.sequences += len(records)
         else:
             records = [_example_record(row, example, n, len(row.examples)) for n, (row, example) in
                        enumerate(examples)]
-            shard.stats.sequences += len(records)
+        shard.stats.sequences += len(records)
         _write_parquet(folder / f"{split}-{tag}.parquet", records, spec.packing)
     removals = {kind: [] for kind in REMOVAL_FILES}
-    for removal in shard.removed:
-        removals[removal.kind].append(json.dumps(_removal_record(removal), sort_keys=True, ensure_ascii=False))
+    for row in shard.removed:
+        removals[row.removal.kind].append(line_json(_removal_record(row)))
     for kind, lines in removals.items():
         _write_lines(folder / f"{REMOVAL_FILES[kind]}-{tag}.jsonl", lines)
-    _write_lines(folder / f"audit-{tag}.jsonl", [audit_line(row) for row in rows])
+    _write_lines(folder / f"audit-{tag}.jsonl", [audit_line(row) for row in shard.rows])
     _write_lines(folder / f"compliance-{tag}.jsonl", [
-        json.dumps({"id": row.id, "source": row.source, "line": row.line, "action": action,
-                    "findings": [asdict(f) for f in findings]}, sort_keys=True)
-        for row, findings, action in shard.findings
+        json.dumps({"id": row.id, "source": row.source, "line": row.line, "action": row.action,
+                    "findings": [asdict(f) for f in row.findings]}, sort_keys=True)
+        for row in shard.findings
     ])
     fsync(folder)
 
 
 def _example_record(row: Row, example, n: int, of: int) -> dict:
     return {"id": row.id if of == 1 else f"{row.id}#{n}", "source": row.source, "line": row.line,
-            "tags": json.dumps(row.tags, sort_keys=True), "input_ids": example.input_ids, "labels": example.labels,
+            "tags": _tags_json(row.tags), "input_ids": example.input_ids, "labels": example.labels,
             "length": len(example.input_ids)}
 
 
-def _removal_record(removal) -> dict:
-    row = removal.row
+_tags_json = json.JSONEncoder(sort_keys=True).encode
+
+
+def _removal_record(row: Row) -> dict:
+    removal = row.removal
     record = {"id": row.id, "file": row.source, "line": row.line, "reason": removal.reason}
     if removal.detail:
         record["detail"] = removal.detail
@@ -78,12 +83,23 @@ def _write_parquet(path: Path, records: list[dict], packed: bool) -> None:
                ("seq_lengths", ints)] if packed else
               [("id", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("tags", pa.string()),
                ("input_ids", ints), ("labels", ints), ("length", pa.int32())])
-    schema = pa.schema(fields)
-    table = pa.table({name: pa.array([r[name] for r in records], type=kind) for name, kind in fields}, schema=schema)
+    columns = {name: _int_lists([r[name] for r in records]) if kind == ints else
+               pa.array([r[name] for r in records], type=kind) for name, kind in fields}
+    table = pa.table(columns, schema=pa.schema(fields))
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     fsync(tmp)
     os.replace(tmp, path)
+
+
+def _int_lists(arrays: list[np.ndarray]):
+    """A list<int32> column straight from numpy arrays (no Python int per token)."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, arrays), dtype=np.int32, count=len(arrays)), out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -138,7 +154,7 @@ def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, prints: dict)
                            "files": sorted(f for f in files if f.startswith(split + "/"))} for split in splits_of(spec)},
         "files": files,
         "stats": stats,
-        "config": spec.model_dump(mode="json"),
+        "config": spec.model_dump(mode="json", exclude={"workers"}),
     }
     _write_lines(work / "manifest.json", [json.dumps(manifest, indent=2, sort_keys=True)])
     for leftover in shards.iterdir():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
+
 from forge.runner.prepare.tokenize import Encoded
 
 
@@ -31,11 +33,8 @@ def pack(examples: list[tuple[str, Encoded]], max_length: int) -> list[dict]:
 
 
 def _sequence(members: list[tuple[str, Encoded]]) -> dict:
-    ids, labels, positions, lengths, row_ids = [], [], [], [], []
-    for row_id, example in members:
-        ids += example.input_ids
-        labels += example.labels
-        positions += list(range(len(example.input_ids)))
-        lengths.append(len(example.input_ids))
-        row_ids.append(row_id)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "seq_lengths": lengths, "ids": row_ids}
+    lengths = [len(example.input_ids) for _, example in members]
+    return {"input_ids": np.concatenate([example.input_ids for _, example in members]),
+            "labels": np.concatenate([example.labels for _, example in members]),
+            "position_ids": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
+            "seq_lengths": np.asarray(lengths, dtype=np.int32), "ids": [row_id for row_id, _ in members]}

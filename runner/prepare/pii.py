@@ -209,6 +209,7 @@ def _ipv6_ok(match: re.Match[str], raw: str) -> bool:
 
 _API_KEY_MARKERS = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "sk-", "sk_live_",
                     "rk_live_", "AIza", "eyJ", "earer", "EARER")
+_API_KEY_HINT = re.compile("|".join(map(re.escape, _API_KEY_MARKERS)))  # one pass instead of one per marker
 
 # Patterns that can start with a character class do so (lookbehind after it): re skips ahead to that
 # class, several times faster than trying a leading lookbehind at every position.
@@ -229,7 +230,7 @@ _FAMILIES: tuple[_Family, ...] = (
     ),
     _Family(
         "API_KEY",
-        lambda f: any(marker in f.text for marker in _API_KEY_MARKERS),
+        lambda f: _API_KEY_HINT.search(f.text) is not None,
         re.compile(
             r"\b(?:A(?:KIA|SIA)[0-9A-Z]{16}"  # AWS access key id
             r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}"  # GitHub

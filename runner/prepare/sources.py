@@ -19,14 +19,31 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawRecord:
-    """One input record: its value (a dict when decoding worked) or the reason it could not be decoded."""
+    """One input record: its value (a dict when decoding worked) or the reason it could not be decoded.
+
+    JSONL lines come undecoded (`pending`): `decode` parses them where the row is processed, in a worker,
+    so the reading process only splits lines."""
 
     line: int  # 1-based line (JSONL, CSV) or element number (JSON array, Parquet)
     value: object = None
-    raw: bytes = b""  # the bytes the row was decoded from (for the input hash); empty for Parquet/JSON arrays
+    raw: bytes = b""  # the bytes the row was decoded from (for the input hash)
     problem: tuple[str, str] | None = None  # (reason code, detail)
+    pending: bool = False  # `raw` is a JSON text not decoded yet
+
+
+def decode(record: RawRecord) -> RawRecord:
+    """The record with its JSON value decoded, or with the reason it cannot be."""
+    if not record.pending:
+        return record
+    text, problem = _decode(record.raw)
+    if problem:
+        return RawRecord(record.line, raw=record.raw, problem=problem)
+    try:
+        return RawRecord(record.line, json.loads(text), record.raw)
+    except json.JSONDecodeError as exc:
+        return RawRecord(record.line, raw=record.raw, problem=("malformed_json", f"{exc.msg} at column {exc.colno}"))
 
 
 def kind_of(path: Path) -> tuple[str, str | None]:
@@ -93,16 +110,8 @@ def _decode(raw: bytes) -> tuple[str | None, tuple[str, str] | None]:
 def _jsonl(handle: IO[bytes]) -> Iterator[RawRecord]:
     for number, raw in enumerate(handle, start=1):
         raw = raw.rstrip(b"\r\n")
-        if not raw.strip():
-            continue
-        text, problem = _decode(raw)
-        if problem:
-            yield RawRecord(number, raw=raw, problem=problem)
-            continue
-        try:
-            yield RawRecord(number, json.loads(text), raw)
-        except json.JSONDecodeError as exc:
-            yield RawRecord(number, raw=raw, problem=("malformed_json", f"{exc.msg} at column {exc.colno}"))
+        if raw.strip():
+            yield RawRecord(number, raw=raw, pending=True)
 
 
 def _json_array(handle: IO[bytes], path: Path) -> Iterator[RawRecord]:

@@ -1,6 +1,10 @@
 """The per-row steps of prepare, in order: parse → clean → dedup → PII → compliance → template → tokenize
-→ split. Each takes the shard's live rows and returns those it keeps; a row it removes is recorded once,
-with its reason, in the shard's stats and audit trail, so the accounting identity holds by construction.
+→ split. Each takes live rows and returns those it keeps; a row it removes gets its `removal` (kind, reason)
+and leaves the stream. Steps record what happened on the row and count nothing: `Shard.account` derives
+every count from the rows, in one place, so the accounting identity holds by construction.
+
+Every step after dedup is a pure function of its row, which is what lets worker processes run them
+(see `work.py`) while dedup, the one step that depends on the rows before it, runs in input order.
 """
 
 from __future__ import annotations
@@ -13,47 +17,119 @@ from forge.contract.plan import PrepareSpec
 from forge.errors import DataError
 from forge.runner.prepare.clean import clean_messages
 from forge.runner.prepare.rows import FORMATS, Invalid, detect_format, to_conversation
-from forge.runner.prepare.sources import RawRecord
+from forge.runner.prepare.sources import RawRecord, decode
 from forge.runner.prepare.stats import ShardStats
 from forge.runner.prepare.tokenize import Encoded, apply_length_policy
 
 
-@dataclass
-class Row:
-    id: str
-    source: str
-    line: int
-    input_hash: str
-    record: RawRecord
-    fmt: str
-    base_tags: dict[str, str]
-    messages: list[dict[str, str]] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
-    examples: list[Encoded] = field(default_factory=list)
-    split: str = "train"
-    audit: list[dict] = field(default_factory=list)
-
-
-@dataclass
+@dataclass(slots=True)
 class Removal:
-    row: Row
     kind: str  # rejected | duplicates | dropped
     reason: str
     detail: str = ""
     duplicate_of: str | None = None
 
 
+@dataclass(slots=True)
+class Row:
+    id: str
+    source: str
+    line: int
+    input_hash: str
+    record: RawRecord | None  # dropped once parsed
+    fmt: str
+    base_tags: dict[str, str]
+    messages: list[dict[str, str]] = field(default_factory=list)  # dropped once tokenized
+    tags: dict[str, str] = field(default_factory=dict)
+    examples: list[Encoded] = field(default_factory=list)
+    split: str = "train"
+    audit: list[dict] = field(default_factory=list)
+    removal: Removal | None = None
+    parsed: bool = False  # reached dedup
+    normalized: bool = False
+    pii: list[str] = field(default_factory=list)  # entity of each hit
+    checked: bool = False  # reached the compliance checks
+    findings: list = field(default_factory=list)
+    action: str = "keep"  # what the findings decided: keep | drop | fail
+    length: str | None = None  # truncated | split | dropped
+    stratum: str = ""
+
+    def handoff(self) -> tuple:
+        """What the steps after dedup read, to send to a worker (`after_dedup_row` rebuilds the row there)."""
+        return self.id, self.input_hash, self.messages, self.tags
+
+    def outcome(self) -> tuple:
+        """What the steps after dedup wrote, to send back (`take_outcome` applies it to the original row)."""
+        return (self.audit, self.removal, self.pii, self.checked, self.findings, self.action, self.length,
+                self.examples, self.split, self.stratum)
+
+    def take_outcome(self, outcome: tuple) -> None:
+        (audit, self.removal, self.pii, self.checked, self.findings, self.action, self.length, self.examples,
+         self.split, self.stratum) = outcome
+        self.audit.extend(audit)
+        self.messages = []
+
+    def remove(self, kind: str, reason: str, detail: str = "", duplicate_of: str | None = None) -> None:
+        self.removal = Removal(kind, reason, detail, duplicate_of)
+        self.audit.append({"step": kind, "reason": reason, **({"duplicate_of": duplicate_of} if duplicate_of else {})})
+
+
 class Shard:
     """Rows of one shard and everything that happened to them."""
 
     def __init__(self, index: int) -> None:
-        self.index, self.stats, self.removed = index, ShardStats(), []
-        self.findings: list[tuple[Row, list, str]] = []  # (row, compliance findings, action)
+        self.index, self.stats = index, ShardStats()
+        self.rows: list[Row] = []
+        self.removed: list[Row] = []
+        self.findings: list[Row] = []  # rows with compliance findings
 
-    def remove(self, row: Row, kind: str, reason: str, detail: str = "", duplicate_of: str | None = None) -> None:
-        getattr(self.stats, kind)[reason] += 1
-        self.removed.append(Removal(row, kind, reason, detail, duplicate_of))
-        row.audit.append({"step": kind, "reason": reason, **({"duplicate_of": duplicate_of} if duplicate_of else {})})
+    def account(self, row: Row) -> None:
+        """Count one finished row, in input order. A compliance `fail` fails the run here, at the first
+        such row in input order, whatever the worker that found it."""
+        stats = self.stats
+        stats.rows_in += 1
+        self.rows.append(row)
+        stats.normalized += row.normalized
+        stats.checked += row.checked
+        for entity in row.pii:
+            stats.pii[entity] += 1
+        for finding in row.findings:
+            stats.compliance[f"{finding.category}:{finding.severity}"] += 1
+        if row.findings:
+            self.findings.append(row)
+        if row.action == "fail":
+            worst = max(row.findings, key=lambda f: ("low", "medium", "high").index(f.severity))
+            raise DataError(
+                f"Compliance check {worst.check} failed the run at row {row.id} ({row.source}:{row.line}): "
+                f"{worst.category}, severity {worst.severity}.",
+                "Fix or remove the row, or change prepare.compliance.on to flag or drop this severity.",
+            )
+        if row.length:
+            stats.length[row.length] += 1
+        if row.removal:
+            getattr(stats, row.removal.kind)[row.removal.reason] += 1
+            self.removed.append(row)
+            return
+        stats.kept += 1
+        for key, value in row.tags.items():
+            stats.tags[f"{key}={value}"] += 1
+        for example in row.examples:
+            tokens = len(example.input_ids)
+            stats.examples += 1
+            stats.splits[row.split] += 1
+            stats.split_tokens[row.split] += tokens
+            stats.add_length(tokens)
+            if row.stratum:
+                stats.strata[f"{row.stratum}/{row.split}"] += 1
+
+    def kept(self) -> list[Row]:
+        return [row for row in self.rows if row.removal is None]
+
+
+def after_dedup_row(handoff: tuple) -> Row:
+    row_id, input_hash, messages, tags = handoff
+    return Row(id=row_id, source="", line=0, input_hash=input_hash, record=None, fmt="", base_tags={},
+               messages=messages, tags=tags)
 
 
 def make_row(source: str, file_hash: str, record: RawRecord, fmt: str, tags: dict[str, str]) -> Row:
@@ -66,53 +142,40 @@ def file_format(records: list[RawRecord], declared: str) -> str:
     if declared != "auto":
         return declared
     for record in records:
-        found = detect_format(record.value)
+        found = detect_format(decode(record).value)
         if found:
             return found
     return "unknown"
 
 
-def parse(shard: Shard, rows: list[Row]) -> list[Row]:
+def parse(rows: list[Row]) -> list[Row]:
     kept = []
     for row in rows:
+        record, row.record = decode(row.record), None
         try:
-            if row.record.problem:
-                raise Invalid(*row.record.problem)
+            if record.problem:
+                raise Invalid(*record.problem)
             if row.fmt not in FORMATS:
                 raise Invalid("unknown_format", "the file has no record in a known format (alpaca, sharegpt, "
                                                 "messages, prompt/completion); set the input's format")
-            conversation = to_conversation(row.record.value, row.fmt)
-            row.messages, row.tags = clean_step(row, conversation.messages), {**row.base_tags, **conversation.tags}
+            conversation = to_conversation(record.value, row.fmt)
+            messages, changed = clean_messages(conversation.messages)
         except Invalid as exc:
-            shard.remove(row, "rejected", exc.reason, str(exc))
+            row.remove("rejected", exc.reason, str(exc))
             continue
-        if row.audit:
-            shard.stats.normalized += 1
+        row.messages, row.tags, row.parsed = messages, {**row.base_tags, **conversation.tags}, True
+        if changed:
+            row.normalized = True
+            row.audit.append({"step": "clean", "change": "normalized"})
         kept.append(row)
     return kept
 
 
-def clean_step(row: Row, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    cleaned, changed = clean_messages(messages)
-    if changed:
-        row.audit.append({"step": "clean", "change": "normalized"})
-    return cleaned
+def dedup_text(row: Row) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in row.messages)
 
 
-def dedup(shard: Shard, rows: list[Row], deduplicator) -> list[Row]:
-    if deduplicator is None:
-        return rows
-    texts = [(row.id, "\n".join(f"{m['role']}: {m['content']}" for m in row.messages)) for row in rows]
-    kept = []
-    for row, (verdict, first) in zip(rows, deduplicator.check_batch(texts)):
-        if verdict == "unique":
-            kept.append(row)
-        else:
-            shard.remove(row, "duplicates", verdict, duplicate_of=first)
-    return kept
-
-
-def scrub_pii(shard: Shard, rows: list[Row], scrubber) -> list[Row]:
+def scrub_pii(rows: list[Row], scrubber) -> list[Row]:
     if scrubber is None:
         return rows
     kept = []
@@ -123,73 +186,59 @@ def scrub_pii(shard: Shard, rows: list[Row], scrubber) -> list[Row]:
             message["content"] = result.text
             drop = drop or result.drop
             for hit in result.hits:
-                shard.stats.pii[hit.entity] += 1
+                row.pii.append(hit.entity)
                 row.audit.append({"step": "pii", "entity": hit.entity, "value_hash": hit.value_hash, "action": hit.action})
         if drop:
-            shard.remove(row, "dropped", "pii_policy")
+            row.remove("dropped", "pii_policy")
         else:
             kept.append(row)
     return kept
 
 
-def comply(shard: Shard, rows: list[Row], checks, on: dict) -> list[Row]:
+def comply(rows: list[Row], checks, on: dict) -> list[Row]:
     from forge.runner.prepare.compliance import decide
 
-    shard.stats.checked += len(rows)
-    if not checks:
-        return rows
     kept = []
     for row in rows:
-        findings = [finding for check in checks for finding in check.fn(row.messages, row.tags)]
-        action = decide(findings, on) if findings else "keep"
-        for finding in findings:
-            shard.stats.compliance[f"{finding.category}:{finding.severity}"] += 1
+        row.checked = True
+        row.findings = [finding for check in checks for finding in check.fn(row.messages, row.tags)]
+        row.action = decide(row.findings, on) if row.findings else "keep"
+        for finding in row.findings:
             row.audit.append({"step": "compliance", "check": finding.check, "category": finding.category,
                               "severity": finding.severity})
-        if findings:
-            shard.findings.append((row, findings, action))
-        if action == "fail":
-            worst = max(findings, key=lambda f: ("low", "medium", "high").index(f.severity))
-            raise DataError(
-                f"Compliance check {worst.check} failed the run at row {row.id} ({row.source}:{row.line}): "
-                f"{worst.category}, severity {worst.severity}.",
-                "Fix or remove the row, or change prepare.compliance.on to flag or drop this severity.",
-            )
-        if action == "drop":
-            shard.remove(row, "dropped", "compliance_policy")
-        else:
+        if row.action == "drop":
+            row.remove("dropped", "compliance_policy")
+        elif row.action == "keep":
             kept.append(row)
+        # "fail" leaves the stream here; `Shard.account` fails the run at the first such row in input order
     return kept
 
 
-def fit_template(shard: Shard, rows: list[Row], template: str) -> list[Row]:
+def fit_template(rows: list[Row], template: str) -> list[Row]:
     from forge.runner.prepare.templates import misfit
 
     kept = []
     for row in rows:
         reason = misfit(template, row.messages)
         if reason:
-            shard.remove(row, "rejected", f"template_{reason}", f"does not fit the {template} template")
+            row.remove("rejected", f"template_{reason}", f"does not fit the {template} template")
         else:
             kept.append(row)
     return kept
 
 
-def tokenize(shard: Shard, rows: list[Row], encoder, spec: PrepareSpec) -> list[Row]:
+def tokenize(rows: list[Row], encoder, spec: PrepareSpec) -> list[Row]:
     kept = []
     for row, (ids, labels) in zip(rows, encoder.encode_batch([row.messages for row in rows])):
         try:
-            row.examples, what = apply_length_policy(ids, labels, spec.max_length, spec.length_policy)
+            row.examples, row.length = apply_length_policy(ids, labels, spec.max_length, spec.length_policy)
         except Invalid as exc:
-            shard.remove(row, "rejected", exc.reason, str(exc))
+            row.remove("rejected", exc.reason, str(exc))
             continue
-        if what == "dropped":
-            shard.stats.length["dropped"] += 1
-            shard.remove(row, "dropped", "too_long", f"{len(ids)} tokens > {spec.max_length}")
+        if row.length == "dropped":
+            row.remove("dropped", "too_long", f"{len(ids)} tokens > {spec.max_length}")
             continue
-        if what:
-            shard.stats.length[what] += 1
-        row.audit.append({"step": "tokenize", "tokens": len(ids), **({"length_policy": what} if what else {})})
+        row.audit.append({"step": "tokenize", "tokens": len(ids), **({"length_policy": row.length} if row.length else {})})
         kept.append(row)
     return kept
 
@@ -198,11 +247,11 @@ def assign_split(rows: list[Row], spec: PrepareSpec) -> None:
     """Hash-based per stratum: a row's split depends only on its content, the stratum and the seed."""
     split = spec.split
     for row in rows:
-        stratum = _stratum(row, split.stratify_by)
-        digest = hashlib.sha256(f"{split.seed}|{stratum}|{row.input_hash}".encode()).digest()
+        row.stratum = _stratum(row, split.stratify_by)
+        digest = hashlib.sha256(f"{split.seed}|{row.stratum}|{row.input_hash}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2**64
         row.split = "val" if u < split.val else "test" if u < split.val + split.test else "train"
-        row.audit.append({"step": "split", "split": row.split, **({"stratum": stratum} if stratum else {})})
+        row.audit.append({"step": "split", "split": row.split, **({"stratum": row.stratum} if row.stratum else {})})
 
 
 def _stratum(row: Row, stratify_by: str | None) -> str:
@@ -213,21 +262,10 @@ def _stratum(row: Row, stratify_by: str | None) -> str:
     return f"{stratify_by[4:]}={row.tags.get(stratify_by[4:], '')}"
 
 
-def count_kept(shard: Shard, rows: list[Row], spec: PrepareSpec) -> None:
-    for row in rows:
-        shard.stats.kept += 1
-        for key, value in row.tags.items():
-            shard.stats.tags[f"{key}={value}"] += 1
-        stratum = _stratum(row, spec.split.stratify_by)
-        for example in row.examples:
-            shard.stats.examples += 1
-            shard.stats.splits[row.split] += 1
-            shard.stats.split_tokens[row.split] += len(example.input_ids)
-            shard.stats.add_length(len(example.input_ids))
-            if stratum:
-                shard.stats.strata[f"{stratum}/{row.split}"] += 1
+# One encoder for the per-row lines: `json.dumps(..., sort_keys=True)` builds a new one per call.
+line_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 
 
 def audit_line(row: Row) -> str:
-    return json.dumps({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_hash,
-                       "steps": row.audit}, sort_keys=True, ensure_ascii=False)
+    return line_json({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_hash,
+                      "steps": row.audit})

@@ -8,7 +8,9 @@ the model learns to stop. Rows where that shortcut does not hold fall back to re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from itertools import chain
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,9 @@ _PROBE = [{"role": "user", "content": "FORGE-PROBE-USER"}, {"role": "assistant",
           {"role": "user", "content": "FORGE-PROBE-USER-2"}, {"role": "assistant", "content": "FORGE-PROBE-ASSISTANT-2"}]
 
 
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
+class Encoded(NamedTuple):  # a tuple: pickled to the main process cheaply (a slots dataclass is not, on 3.11)
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where nothing is learned
     truncated: bool = False
 
 
@@ -56,6 +57,20 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
+
+    def split_point(self, text: str) -> int:
+        """The end of the last added token in `text` at which the tokenizer certainly splits, or 0.
+
+        HF tokenizers first cuts the text at added tokens (special tokens like <|im_start|>) and then
+        normalises, pre-tokenizes and encodes the pieces independently, so text[:n] and text[n:] encode to
+        the whole text's tokens when n is the end of such a token: one matched verbatim (not normalized,
+        no lstrip/rstrip/single_word) that no other added token could overlap across n."""
+        added = [token for token in self.backend.get_added_tokens_decoder().values()]
+        plain = [token.content for token in added
+                 if not (token.normalized or token.lstrip or token.rstrip or token.single_word)]
+        end = max((text.rfind(content) + len(content) for content in plain if content in text), default=0)
+        straddles = any(text[:end].endswith(token.content[:k]) for token in added for k in range(1, len(token.content)))
+        return 0 if straddles else end
 
 
 def _tokenizer_config(model_dir: Path) -> dict:
@@ -91,6 +106,22 @@ class Encoder:
         last = self._after(self._render(_PROBE[:2]), _PROBE[1]["content"])
         middle = self._after(self._render(_PROBE), _PROBE[1]["content"])
         self.turn_ends = (last, self._common_tokens(last, middle))
+        self.prefix, self.prefix_ids = self._fixed_prefix()
+
+    def _fixed_prefix(self) -> tuple[str, list[int]]:
+        """What every conversation without a system message starts with (a default system prompt, say), up to
+        a point where the tokenizer splits anyway: tokenized once instead of once per row (about 10% of the
+        tokenizing for SmolLM2's template). Checked on two probes; empty when it cannot be used."""
+        first = self._render([{"role": "user", "content": "FORGE-PROBE-A"}, {"role": "assistant", "content": "x"}])
+        second = self._render([{"role": "user", "content": "forge probe b"}, {"role": "assistant", "content": "y"}])
+        prefix = first[: self.tokenizer.split_point(os.path.commonprefix([first, second]))]
+        if not prefix:
+            return "", []
+        whole_a, whole_b, head, tail_a, tail_b = self.tokenizer.encode(
+            [first, second, prefix, first[len(prefix):], second[len(prefix):]])
+        if whole_a.ids != head.ids + tail_a.ids or whole_b.ids != head.ids + tail_b.ids:
+            return "", []
+        return prefix, head.ids
 
     def _common_tokens(self, a: str, b: str) -> str:
         """The longest prefix of `a` made of whole tokens that `b` starts with too (never half a special token)."""
@@ -150,29 +181,49 @@ class Encoder:
             spans.append((start, end))
         return spans
 
-    def encode_batch(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[int], list[int]]]:
-        """Token ids and labels (IGNORE outside the learned spans), untruncated."""
+    def encode_batch(self, conversations: list[list[dict[str, str]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and labels (IGNORE outside the learned spans) as int32 arrays, untruncated."""
         rendered = [self.render(messages) for messages in conversations]
-        encodings = self.tokenizer.encode([text for text, _ in rendered])
-        return [(encoding.ids, _labels(encoding, spans)) for (_, spans), encoding in zip(rendered, encodings)]
+        # rows that start with the fixed prefix (and learn nothing inside it) encode only what follows it
+        size = len(self.prefix)
+        cuts = [size if size and text.startswith(self.prefix) and all(start >= size for start, _ in spans) else 0
+                for text, spans in rendered]
+        encodings = self.tokenizer.encode([text[cut:] for (text, _), cut in zip(rendered, cuts)])
+        ids = [self.prefix_ids + encoding.ids if cut else encoding.ids for encoding, cut in zip(encodings, cuts)]
+        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum()))
+        flat_labels = np.full(len(flat_ids), IGNORE, dtype=np.int32)
+        rows = np.cumsum(counts)[:-1]
+        out = list(zip(np.split(flat_ids, rows), np.split(flat_labels, rows)))
+        skip = len(self.prefix_ids)
+        for encoding, (_, spans), cut, (row_ids, labels) in zip(encodings, rendered, cuts, out):
+            if cut:
+                _label(encoding, [(start - cut, end - cut) for start, end in spans], row_ids[skip:], labels[skip:])
+            else:
+                _label(encoding, spans, row_ids, labels)
+        return out
 
 
-def _labels(encoding, spans: list[tuple[int, int]]) -> list[int]:
-    """A token is learned when it overlaps a span, so a byte-level token like " Red" (its offset includes the
-    space before the answer) counts. Vectorised: rows are hundreds of tokens."""
-    ids = np.asarray(encoding.ids, dtype=np.int64)
-    if not len(ids) or not spans:
-        return [IGNORE] * len(ids)
-    offsets = np.asarray(encoding.offsets, dtype=np.int64)
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    bounds = np.asarray(spans, dtype=np.int64)
-    which = np.searchsorted(bounds[:, 1], starts, side="right")  # first span ending after the token starts
-    inside = which < len(bounds)
-    inside[inside] = bounds[which[inside], 0] < ends[inside]
-    return np.where(inside, ids, IGNORE).tolist()
+def _label(encoding, spans: list[tuple[int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
+    """Learn every token that overlaps a span, so a byte-level token like " Red" (its offsets include the
+    space before the answer) counts. Each span's first and last tokens come from `char_to_token`, without
+    materialising every token's offsets; tokens that share characters (a multi-byte character split in
+    bytes) are followed to the last one that starts inside the span."""
+    for start, end in spans:
+        if end <= start:
+            continue
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None or last is None:  # a character no token covers: compare every token's offsets
+            for index, (token_start, token_end) in enumerate(encoding.offsets):
+                if start < token_end and end > token_start:
+                    labels[index] = ids[index]
+            continue
+        while last + 1 < len(ids) and encoding.token_to_chars(last + 1)[0] < end:
+            last += 1
+        labels[first:last + 1] = ids[first:last + 1]
 
 
-def apply_length_policy(ids: list[int], labels: list[int], max_length: int, policy: str) -> tuple[list[Encoded], str | None]:
+def apply_length_policy(ids: np.ndarray, labels: np.ndarray, max_length: int, policy: str) -> tuple[list[Encoded], str | None]:
     """Examples for one row, and what happened: None, 'truncated', 'split' or 'dropped'."""
     if len(ids) <= max_length:
         pieces, what = [Encoded(ids, labels)], None
@@ -184,7 +235,7 @@ def apply_length_policy(ids: list[int], labels: list[int], max_length: int, poli
         pieces = [Encoded(ids[i:i + max_length], labels[i:i + max_length], truncated=True)
                   for i in range(0, len(ids), max_length)]
         what = "split"
-    pieces = [piece for piece in pieces if any(label != IGNORE for label in piece.labels)]
+    pieces = [piece for piece in pieces if (piece.labels != IGNORE).any()]
     if not pieces:
         raise Invalid("no_label_tokens", f"no tokens to learn within {max_length} tokens")
     return pieces, what

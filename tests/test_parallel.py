@@ -1,0 +1,79 @@
+"""Worker processes for prepare: results in order, input read only a little ahead, errors that keep their hint,
+and no worker left behind when the runner is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from forge.errors import ConfigError
+from forge.runner.parallel import ordered_map
+
+
+def _square_with_pid(x: int) -> tuple[int, int]:
+    time.sleep(0.001 * (x % 3))  # uneven task times: results must still come back in order
+    return x * x, os.getpid()
+
+
+def test_results_come_back_in_order_with_their_context_from_several_processes():
+    out = list(ordered_map(_square_with_pid, ((f"item {i}", i) for i in range(60)), workers=2))
+    assert [(context, square) for context, (square, _) in out] == [(f"item {i}", i * i) for i in range(60)]
+    assert len({pid for _, (_, pid) in out} - {os.getpid()}) == 2
+
+
+def test_one_worker_runs_in_this_process():
+    assert {pid for _, (_, pid) in ordered_map(_square_with_pid, ((i, i) for i in range(5)), workers=1)} == {os.getpid()}
+
+
+def test_input_is_read_only_a_little_ahead():
+    pulled = []
+
+    def items():
+        for i in range(10_000):
+            pulled.append(i)
+            yield i, i
+
+    results = ordered_map(_square_with_pid, items(), workers=2, in_flight=4)
+    next(results)
+    assert len(pulled) <= 5
+    results.close()
+
+
+def _fail(x: int):
+    raise ConfigError(f"row {x} is bad", "Fix row 3.")
+
+
+def test_an_error_in_a_worker_reaches_the_caller_with_its_hint():
+    with pytest.raises(ConfigError) as error:
+        list(ordered_map(_fail, [(3, 3)], workers=2))
+    assert error.value.message == "row 3 is bad" and error.value.hint == "Fix row 3."
+
+
+def test_workers_die_with_a_runner_killed_by_sigkill():
+    program = textwrap.dedent("""
+        import time
+        from forge.runner.parallel import ordered_map
+        for _ in ordered_map(time.sleep, ((i, 600) for i in range(4)), workers=2):
+            pass
+    """)
+    runner = subprocess.Popen([sys.executable, "-c", program])
+    try:
+        deadline = time.monotonic() + 30
+        while len(psutil.Process(runner.pid).children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = psutil.Process(runner.pid).children()
+        assert len(workers) == 2
+        time.sleep(0.5)  # let them take their tasks
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"orphaned workers: {alive}"
+    finally:
+        runner.kill()
