@@ -27,6 +27,7 @@ PII = ["Contact me at jane.doe{n}@example.com for details.", "Call +1 415 555 {n
        "My card is 4111 1111 1111 1111, expiry 12/29.", "The server is at 10.0.{a}.{b} behind the VPN.",
        "Use key AKIAIOSFODNN7EXAMPL{c} for the bucket."]
 FILES = ("alpaca.jsonl", "sharegpt.jsonl.gz", "messages.jsonl.zst", "prompt_completion.csv", "prompt_completion.parquet")
+PLAIN_FILES = ("alpaca.jsonl", "sharegpt.jsonl", "messages.jsonl", "prompt_completion.csv", "prompt_completion.jsonl")
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -57,16 +58,28 @@ def make_pairs(rows: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs
 
 
-def write(pairs: list[tuple[str, str]], out: Path) -> list[Path]:
+def write(pairs: list[tuple[str, str]], out: Path, compressed: bool = True) -> list[Path]:
+    """The five files; `compressed=False` writes text only (every part JSONL or CSV), so the size on disk is the
+    size of the data."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
 
     out.mkdir(parents=True, exist_ok=True)
     parts = [pairs[i::len(FILES)] for i in range(len(FILES))]
-    paths = [out / name for name in FILES]
+    paths = [out / name for name in (FILES if compressed else PLAIN_FILES)]
     with paths[0].open("w") as f:
         f.writelines(json.dumps({"instruction": p, "output": a, "tags": {"source": "human"}}) + "\n" for p, a in parts[0])
+    if not compressed:
+        chats = [[{"from": "human", "value": p}, {"from": "gpt", "value": a}] for p, a in parts[1]]
+        paths[1].write_text("".join(json.dumps({"conversations": c, "tags": {"source": "synthetic"}}) + "\n" for c in chats))
+        paths[2].write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant",
+                                                                                          "content": a}]}) + "\n"
+                                    for p, a in parts[2]))
+        with paths[3].open("w", newline="") as f:
+            csv.writer(f).writerows([("prompt", "completion"), *parts[3]])
+        paths[4].write_text("".join(json.dumps({"prompt": p, "completion": a}) + "\n" for p, a in parts[4]))
+        return paths
     with gzip.open(paths[1], "wt") as f:
         f.writelines(json.dumps({"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}],
                                  "tags": {"source": "synthetic"}}) + "\n" for p, a in parts[1])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from forge.contract.events import Event, Failure, Log, Progress as ProgressEvent, Result, StageFinished, StageStarted
 from forge.contract.plan import Plan
@@ -16,19 +16,25 @@ err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
 
 
+FIXED_COLUMNS_WIDTH = 44  # stage, counts up to 9999999/9999999, elapsed, eta and the gaps: all but bar and metrics
+
+
 class EventRenderer:
     """One progress bar per runner stage, with the latest metrics beside it."""
 
     def __init__(self, console: Console = err_console) -> None:
         self.console = console
+        bar = 24 if console.width >= 120 else 10
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[stage]:<10}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
+            TextColumn("[bold]{task.fields[stage]:<10}", table_column=Column(min_width=10, no_wrap=True)),
+            BarColumn(bar_width=bar, table_column=Column(min_width=bar)),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
             TextColumn("eta"),
-            TimeRemainingColumn(compact=True),
-            TextColumn("{task.fields[metrics]}"),
+            TimeRemainingColumn(compact=True, table_column=Column(min_width=5, no_wrap=True)),
+            # on a narrow console the metrics give way (ellipsis), never the stage name or the counts
+            TextColumn("{task.fields[metrics]}", table_column=Column(
+                no_wrap=True, overflow="ellipsis", max_width=max(12, console.width - FIXED_COLUMNS_WIDTH - bar))),
             console=console,
             transient=False,
         )

@@ -7,16 +7,40 @@ import resource
 from pathlib import Path
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (`docker run --cpus`)."""
+    """CPUs this process may run on: its affinity, capped by the cgroup's CPU quota (`docker run --cpus`)."""
     count = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            count = min(count, max(1, round(int(quota) / int(period))))
+    quota = _cpu_quota()
+    return min(count, max(1, round(quota))) if quota else count
+
+
+def _cpu_quota() -> float | None:
+    try:  # cgroup v2, then v1
+        quota, period = (CGROUP / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return count
+    try:
+        quota = int((CGROUP / "cpu" / "cpu.cfs_quota_us").read_text())
+        return None if quota <= 0 else quota / int((CGROUP / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def container_peak_mb() -> int | None:
+    """Peak memory of the whole container (every process, and the page cache it dirtied): what a `--memory`
+    cap is held against. None outside a container."""
+    if not Path("/.dockerenv").exists():
+        return None
+    for path in (CGROUP / "memory.peak", CGROUP / "memory" / "memory.max_usage_in_bytes"):  # cgroup v2, v1
+        try:
+            return round(int(path.read_text()) / 2**20)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def peak_rss_mb() -> int:

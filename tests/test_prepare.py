@@ -104,6 +104,15 @@ def test_every_row_is_accounted_for(tmp_path, model_cache, smollm2_dir, messy):
         assert hashlib.sha256((target / name).read_bytes()).hexdigest() == meta["sha256"]
 
 
+def test_progress_reports_rows_against_the_total(tmp_path, model_cache, smollm2_dir, messy, capsys):
+    plan = make_plan(tmp_path, model_cache, messy)
+    prepare(plan)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["kind"] == "progress" and e["stage"] == "process"]
+    assert progress[-1]["done"] == progress[-1]["total"] == 12
+    assert {"rows_per_s", "kept", "rejected", "duplicates", "dropped"} <= set(progress[-1]["metrics"])
+
+
 def test_output_loads_with_datasets_and_trains_with_trl_unchanged(tmp_path, model_cache, smollm2_dir, messy):
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer

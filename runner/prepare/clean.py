@@ -13,13 +13,15 @@ _WIDE_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-# In ASCII text, the only things the steps below change (or reject): these, and the ends (strip).
-_ASCII_WORK = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\r]|[ \t]\n|\n\n\n")
+# In ASCII text, the only things the steps below change (or reject): control characters and CR, trailing
+# spaces, blank-line runs, and the ends (strip). One character class and three substring scans find them.
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def clean_text(text: str) -> str:
     """NFC, LF line ends, no zero-width characters, no trailing spaces, at most one blank line in a row."""
-    if text.isascii() and not _ASCII_WORK.search(text):  # most text: nothing to do but strip
+    if (text.isascii() and " \n" not in text and "\t\n" not in text and "\n\n\n" not in text
+            and not _ASCII_CONTROL.search(text)):  # most text: nothing to do but strip
         return text.strip()
     return _clean(text)
 

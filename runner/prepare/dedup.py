@@ -308,7 +308,7 @@ class Sketches:
 
 
 class Sketcher:
-    """The pure half of dedup: a function of the texts and the spec alone, so workers can run it in parallel."""
+    """The pure half of dedup: a function of the texts and the spec alone, no state."""
 
     def __init__(self, spec: DedupSpec) -> None:
         self.spec = spec

@@ -27,7 +27,7 @@ from forge.runner import models, stop
 from forge.runner.emit import emit, log, stage
 from forge.runner.hashing import sha256_file, sha256_json
 from forge.runner.parallel import ordered_map
-from forge.runner.resources import peak_rss_mb, usable_cpus
+from forge.runner.resources import container_peak_mb, peak_rss_mb, usable_cpus
 from forge.runner.prepare import steps
 from forge.runner.prepare.outputs import assemble, write_shard
 from forge.runner.prepare.sources import RawRecord, count_records, read_records
@@ -106,9 +106,9 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
     done = {shard: (seq, ShardStats.from_json(json.loads(stats)))
             for shard, seq, stats in db.execute("SELECT shard, dedup_seq, stats FROM shards ORDER BY shard")}
     deduplicator = Deduplicator(db, spec.dedup) if spec.dedup.exact or spec.dedup.near else None
-    if deduplicator and deduplicator.last_seq > max((seq for seq, _ in done.values()), default=0):
-        # rows of the shard after the last written one were committed ahead of it: check them again
-        deduplicator.forget_after(max((seq for seq, _ in done.values()), default=0))
+    written = max((seq for seq, _ in done.values()), default=0)
+    if deduplicator and deduplicator.last_seq > written:
+        deduplicator.forget_after(written)  # rows committed ahead of the last written shard: check them again
     after_dedup = AfterDedup(plan, model_dir)
     workers = spec.workers or usable_cpus()
     _quiet_gc()
@@ -116,11 +116,12 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
     if done:
         log(f"Resuming: {len(done)} finished shard(s) kept.")
     started = time.monotonic()
-    total_rows = _count_in_background(plan)  # a full pass over every file: the rows go on meanwhile
+    total_rows = _RowCount(plan)  # a full pass over every file, counted while the rows go on
     with stage("process", unit="rows") as progress:
-        def advance(rows: int, current: ShardStats | None = None) -> None:
-            progress.total = progress.total or total_rows.get("value")
-            progress.advance(rows, **_rates(progress.done + rows, started, totals, current))
+        def advance(rows: int, current: ShardStats | None = None, force: bool = False) -> None:
+            total_rows.start()  # once the workers are forked: no thread may run when they are
+            progress.total = total_rows.value
+            progress.advance(rows, force, **_rates(progress.done + rows, started, totals, current))
 
         def skip(index: int) -> None:
             totals.merge(done[index][1])
@@ -146,6 +147,8 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
                 totals.merge(shard.stats)
                 shard = None
             advance(len(rows), shard and shard.stats)
+        total_rows.wait()
+        advance(0, force=True)  # the last update, with the total
         progress.summary = {"rows": totals.rows_in, "workers": workers, **_rates(totals.rows_in, started, totals)}
     if not totals.kept:
         raise DataError(f"No usable rows: all {totals.rows_in} were rejected, duplicates or dropped.",
@@ -153,15 +156,23 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
     return totals
 
 
-def _count_in_background(plan: Plan) -> dict:
-    """The progress total, {"value": rows} once counted (None before)."""
-    found: dict = {"value": None}
+class _RowCount:
+    """The progress total: every input counted in a background thread (a full pass over the files)."""
 
-    def count() -> None:
-        found["value"] = sum(count_records(Path(i.path)) for i in plan.data.inputs)
+    def __init__(self, plan: Plan) -> None:
+        self.value: int | None = None
+        self._thread = threading.Thread(target=self._count, args=(plan,), name="count-rows", daemon=True)
 
-    threading.Thread(target=count, name="count-rows", daemon=True).start()
-    return found
+    def _count(self, plan: Plan) -> None:
+        self.value = sum(count_records(Path(i.path)) for i in plan.data.inputs)
+
+    def start(self) -> None:
+        if not self._thread.ident:
+            self._thread.start()
+
+    def wait(self) -> None:
+        self.start()
+        self._thread.join()
 
 
 def _quiet_gc() -> None:
@@ -234,7 +245,7 @@ def _result(target: Path, manifest: dict, cached: bool) -> None:
         status="ok",
         paths={"dataset_dir": str(target), "manifest": str(target / "manifest.json"),
                "rejects": str(target / "rejects.jsonl"), "stats": str(target / "stats.json")},
-        info={"cached": int(cached), "peak_rss_mb": peak_rss_mb(),
+        info={"cached": int(cached), "peak_rss_mb": peak_rss_mb(), "container_peak_mb": container_peak_mb(),
               "rows_in": acc["rows_in"], "kept": acc["kept"], "rejected": acc["rejected"],
               "duplicates": acc["duplicates"], "dropped_by_policy": acc["dropped_by_policy"],
               **{f"examples_{k}": v for k, v in manifest["stats"]["splits"].items()}},
