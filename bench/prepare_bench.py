@@ -64,7 +64,8 @@ def datasets_map(pairs, workdir: Path, batched: bool) -> float:
         path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(pairs)))
     tok = tokenizer()
     start = time.perf_counter()
-    dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(workdir / f"hf-{batched}"))
+    dataset = datasets.load_dataset("json", data_files=str(path), split="train",
+                                    cache_dir=str(workdir / f"hf-{batched}"))
     if batched:
         dataset = dataset.map(lambda b: tok([tok.apply_chat_template(m, tokenize=False) for m in b["messages"]],
                                             add_special_tokens=False), batched=True, remove_columns=["messages"])

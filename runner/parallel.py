@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import os
 import signal
 from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -29,15 +28,14 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[tuple[C, T]], workers: int
                 in_flight: int | None = None) -> Iterator[tuple[C, R]]:
     """`(context, fn(argument))` for each `(context, argument)` in order, `fn` running in `workers` processes
     (in this one when workers <= 1) with at most `in_flight` tasks (default 4 per worker, so workers keep
-    busy while the caller does a longer piece of its own work) sent ahead of the one being yielded. Only the argument and the result cross to the workers; the context stays here."""
+    busy while the caller does a longer piece of its own work) sent ahead of the one being yielded. Only
+    the argument and the result cross to the workers; the context stays here."""
     if workers <= 1:
         for context, argument in items:
             yield context, fn(argument)
         return
     global _task
     _task = fn
-    # The parent does no tokenizing while workers run; each worker tokenizes on its one CPU.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
     try:
         pending: deque = deque()

@@ -29,7 +29,8 @@ def test_results_come_back_in_order_with_their_context_from_several_processes():
 
 
 def test_one_worker_runs_in_this_process():
-    assert {pid for _, (_, pid) in ordered_map(_square_with_pid, ((i, i) for i in range(5)), workers=1)} == {os.getpid()}
+    results = ordered_map(_square_with_pid, ((i, i) for i in range(5)), workers=1)
+    assert {pid for _, (_, pid) in results} == {os.getpid()}
 
 
 def test_input_is_read_only_a_little_ahead():

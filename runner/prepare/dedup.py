@@ -313,7 +313,8 @@ class Sketcher:
     def __init__(self, spec: DedupSpec) -> None:
         self.spec = spec
         self.bands, self.rows_per_band = band_params(spec.threshold, spec.num_perm) if spec.near else (0, 0)
-        self._minhash = _Sketcher(spec.num_perm, spec.shingle_words, self.bands, self.rows_per_band) if spec.near else None
+        self._minhash = (_Sketcher(spec.num_perm, spec.shingle_words, self.bands, self.rows_per_band)
+                         if spec.near else None)
 
     def sketch(self, texts: Sequence[str]) -> Sketches:
         """Sketches of one chunk (keep it to about CHUNK_ROWS rows and CHUNK_CHARS characters)."""

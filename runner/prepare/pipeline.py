@@ -94,7 +94,8 @@ def prepare(plan: Plan, rebuild: bool = False) -> None:
     _result(target, manifest, cached=False)
 
 
-def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connection, file_hashes: list[str]) -> ShardStats:
+def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connection,
+                file_hashes: list[str]) -> ShardStats:
     """Shards in input order: this process parses and dedups each chunk of records, workers run the steps
     after dedup, and each finished shard is written and committed with its dedup state."""
     from forge.runner.prepare.dedup import Deduplicator
@@ -111,6 +112,8 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
         deduplicator.forget_after(written)  # rows committed ahead of the last written shard: check them again
     after_dedup = AfterDedup(plan, model_dir)
     workers = spec.workers or usable_cpus()
+    if workers > 1:  # each worker tokenizes on one CPU; the runner itself tokenizes nothing
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _quiet_gc()
     totals = ShardStats()
     if done:
@@ -131,7 +134,8 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
             for chunk in _chunks(plan, file_hashes, spec.shard_rows, done, skip):
                 rows = chunk.rows()
                 unique = drop_duplicates(steps.parse(rows), deduplicator)
-                yield (chunk, rows, unique, deduplicator.last_seq if deduplicator else 0), [row.handoff() for row in unique]
+                seq = deduplicator.last_seq if deduplicator else 0
+                yield (chunk, rows, unique, seq), [row.handoff() for row in unique]
 
         shard = None
         for (chunk, rows, unique, seq), outcomes in ordered_map(after_dedup, tasks(), workers):
@@ -197,7 +201,8 @@ def _rates(rows: int, started: float, *stats: ShardStats | None) -> dict:
     counted = [s for s in stats if s is not None]
     return {"rows_per_s": round(rows / max(time.monotonic() - started, 1e-9)),
             "kept": sum(s.kept for s in counted),
-            **{kind: sum(sum(getattr(s, kind).values()) for s in counted) for kind in ("rejected", "duplicates", "dropped")}}
+            **{kind: sum(sum(getattr(s, kind).values()) for s in counted)
+               for kind in ("rejected", "duplicates", "dropped")}}
 
 
 def _chunks(plan: Plan, file_hashes: list[str], shard_rows: int, done: dict, skip) -> Iterator[Chunk]:

@@ -187,7 +187,8 @@ def scrub_pii(rows: list[Row], scrubber) -> list[Row]:
             drop = drop or result.drop
             for hit in result.hits:
                 row.pii.append(hit.entity)
-                row.audit.append({"step": "pii", "entity": hit.entity, "value_hash": hit.value_hash, "action": hit.action})
+                row.audit.append({"step": "pii", "entity": hit.entity, "value_hash": hit.value_hash,
+                                  "action": hit.action})
         if drop:
             row.remove("dropped", "pii_policy")
         else:
@@ -238,7 +239,8 @@ def tokenize(rows: list[Row], encoder, spec: PrepareSpec) -> list[Row]:
         if row.length == "dropped":
             row.remove("dropped", "too_long", f"{len(ids)} tokens > {spec.max_length}")
             continue
-        row.audit.append({"step": "tokenize", "tokens": len(ids), **({"length_policy": row.length} if row.length else {})})
+        row.audit.append({"step": "tokenize", "tokens": len(ids),
+                          **({"length_policy": row.length} if row.length else {})})
         kept.append(row)
     return kept
 

@@ -223,7 +223,8 @@ def _label(encoding, spans: list[tuple[int, int]], ids: np.ndarray, labels: np.n
         labels[first:last + 1] = ids[first:last + 1]
 
 
-def apply_length_policy(ids: np.ndarray, labels: np.ndarray, max_length: int, policy: str) -> tuple[list[Encoded], str | None]:
+def apply_length_policy(ids: np.ndarray, labels: np.ndarray, max_length: int,
+                        policy: str) -> tuple[list[Encoded], str | None]:
     """Examples for one row, and what happened: None, 'truncated', 'split' or 'dropped'."""
     if len(ids) <= max_length:
         pieces, what = [Encoded(ids, labels)], None
