@@ -23,8 +23,8 @@ KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", 
 class RawRecord:
     """One input record: its value (a dict when decoding worked) or the reason it could not be decoded.
 
-    JSONL lines come undecoded (`pending`): `decode` parses them where the row is processed, in a worker,
-    so the reading process only splits lines."""
+    JSONL lines come undecoded (`pending`): reading only splits lines, and `decode` parses a line when its
+    row is parsed, so a malformed one is rejected there like any other bad row."""
 
     line: int  # 1-based line (JSONL, CSV) or element number (JSON array, Parquet)
     value: object = None

@@ -45,7 +45,6 @@ class Row:
     split: str = "train"
     audit: list[dict] = field(default_factory=list)
     removal: Removal | None = None
-    parsed: bool = False  # reached dedup
     normalized: bool = False
     pii: list[str] = field(default_factory=list)  # entity of each hit
     checked: bool = False  # reached the compliance checks
@@ -163,7 +162,7 @@ def parse(rows: list[Row]) -> list[Row]:
         except Invalid as exc:
             row.remove("rejected", exc.reason, str(exc))
             continue
-        row.messages, row.tags, row.parsed = messages, {**row.base_tags, **conversation.tags}, True
+        row.messages, row.tags = messages, {**row.base_tags, **conversation.tags}
         if changed:
             row.normalized = True
             row.audit.append({"step": "clean", "change": "normalized"})

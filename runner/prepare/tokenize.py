@@ -65,7 +65,7 @@ class ChatTokenizer:
         normalises, pre-tokenizes and encodes the pieces independently, so text[:n] and text[n:] encode to
         the whole text's tokens when n is the end of such a token: one matched verbatim (not normalized,
         no lstrip/rstrip/single_word) that no other added token could overlap across n."""
-        added = [token for token in self.backend.get_added_tokens_decoder().values()]
+        added = list(self.backend.get_added_tokens_decoder().values())
         plain = [token.content for token in added
                  if not (token.normalized or token.lstrip or token.rstrip or token.single_word)]
         end = max((text.rfind(content) + len(content) for content in plain if content in text), default=0)

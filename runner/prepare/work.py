@@ -25,7 +25,7 @@ class Source:
 
 @dataclass
 class Chunk:
-    """Consecutive records of one shard, sent to a worker together."""
+    """Consecutive records of one shard, parsed and deduplicated together; their unique rows go to one worker."""
 
     shard: int
     last: bool  # the shard's last chunk
