@@ -57,6 +57,27 @@ def test_an_error_in_a_worker_reaches_the_caller_with_its_hint():
     assert error.value.message == "row 3 is bad" and error.value.hint == "Fix row 3."
 
 
+def test_large_tasks_and_results_do_not_deadlock_the_pipes():
+    """Tasks and results far larger than a pipe's buffer, several in flight per worker: the parent must never
+    wait on sending a task while the worker waits on sending it a result (run apart, so a hang fails)."""
+    program = textwrap.dedent("""
+        from forge.runner.parallel import ordered_map
+        payloads = ((i, bytes([i]) * (3 << 20)) for i in range(12))
+        out = list(ordered_map(lambda payload: payload * 2, payloads, workers=2, in_flight=8))
+        assert [(i, len(r), r[:1]) for i, r in out] == [(i, 6 << 20, bytes([i])) for i in range(12)]
+    """)
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)
+
+
+def _die(x: int):
+    os._exit(3)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="worker process died"):
+        list(ordered_map(_die, [(1, 1)], workers=2))
+
+
 def test_workers_die_with_a_runner_killed_by_sigkill():
     program = textwrap.dedent("""
         import time

@@ -1,5 +1,6 @@
 """Rendering with a chat template and labelling only what the model should learn (real SmolLM2 tokenizer)."""
 
+import numpy as np
 import pytest
 
 from forge.errors import ConfigError
@@ -113,3 +114,87 @@ def test_fixed_prefix_is_tokenized_once_with_the_same_result(smollm2_dir, name, 
         assert ids.tolist() == expected_ids.tolist() and labels.tolist() == expected_labels.tolist()
     if name in ("model", "qwen"):  # templates with a default system prompt: the cache has real work to save
         assert len(cached.prefix_ids) > 10
+
+
+def _offset_labels(encoder, batch):
+    """The reference: each row encoded alone with character offsets, a token learned iff it overlaps a span."""
+    for conversation in batch:
+        text, spans = encoder.render(conversation)
+        (encoding,) = encoder.tokenizer.encode([text])
+        yield encoding.ids, [token if any(s < end and e > start for s, e in spans) else IGNORE
+                             for token, (start, end) in zip(encoding.ids, encoding.offsets)]
+
+
+def _random_conversations(count: int, seed: int):
+    """Texts built to stress byte accounting: multi-byte characters, emoji, whitespace runs, special tokens."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["a", "Red", " ", "  ", "\n", "\n\n", "\t", "é", "日本", "🎉", "wörld", ".", "<|im_end|>", "x" * 40,
+              "\u200b", "Ω", "’", "1234", " 🎉 "]
+    def text() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))).strip() or "z"
+    return [[message for turn in range(rng.randint(1, 3))
+             for message in ({"role": "user", "content": text()}, {"role": "assistant", "content": text()})]
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("mode", ["all_assistant", "last_turn", "whole_sequence"])
+def test_byte_level_labels_match_offset_labels(tokenizer, mode):
+    """Byte-level tokenizers (SmolLM2's) are labelled from token byte lengths without computing offsets; on
+    random texts full of multi-byte characters and whitespace runs that must equal the offsets' answer."""
+    assert tokenizer.token_bytes is not None, "SmolLM2's byte-level BPE should take the byte path"
+    encoder = Encoder(tokenizer, mode)
+    batch = _random_conversations(300, seed=7)
+    for (ids, labels), (expected_ids, expected_labels) in zip(
+            encoder.encode_batch(batch), _offset_labels(encoder, batch), strict=True):
+        assert ids.tolist() == expected_ids and labels.tolist() == expected_labels
+
+
+def test_tokens_that_do_not_add_up_to_the_text_fall_back_to_offsets(smollm2_dir):
+    """An added token that strips the whitespace around it covers bytes no token length accounts for: the
+    batch must then be labelled from offsets, not from misaligned byte counts."""
+    from tokenizers import AddedToken
+
+    tokenizer = load_tokenizer(smollm2_dir, "model")
+    tokenizer.backend.add_tokens([AddedToken("[MARK]", lstrip=True, rstrip=True)])
+    tokenizer.token_bytes = np.append(tokenizer.token_bytes, len("[MARK]"))
+    encoder = Encoder(tokenizer)
+    batch = [[{"role": "user", "content": "a   [MARK]   b"}, {"role": "assistant", "content": "c   [MARK]   d"}],
+             *_random_conversations(20, seed=3)]
+    assert _byte_labels_of(encoder, batch) is None
+    for (ids, labels), (expected_ids, expected_labels) in zip(
+            encoder.encode_batch(batch), _offset_labels(encoder, batch), strict=True):
+        assert ids.tolist() == expected_ids and labels.tolist() == expected_labels
+
+
+def _byte_labels_of(encoder, batch):
+    from forge.runner.prepare.tokenize import _byte_labels
+
+    rendered = [encoder.render(conversation) for conversation in batch]
+    ids = [encoder.tokenizer.encode_ids([text])[0] for text, _ in rendered]
+    counts = np.array([len(row) for row in ids])
+    return _byte_labels(np.array([t for row in ids for t in row], dtype=np.int32), counts, rendered,
+                        encoder.tokenizer.token_bytes)
+
+
+def test_only_byte_level_tokenizers_take_the_byte_path(tmp_path):
+    """A normalizer or trimmed offsets break the bytes-equal-tokens identity: such tokenizers keep offsets."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    from forge.runner.prepare.tokenize import _token_bytes
+
+    def tokenizer(normalizer=None, processor=None):
+        built = Tokenizer(models.BPE({"a": 0, "b": 1}, []))
+        built.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if normalizer:
+            built.normalizer = normalizer
+        if processor:
+            built.post_processor = processor
+        return built
+
+    assert _token_bytes(tokenizer()) is not None
+    assert _token_bytes(tokenizer(normalizers.Lowercase())) is None
+    assert _token_bytes(tokenizer(processor=processors.ByteLevel(trim_offsets=True))) is None
+    assert _token_bytes(tokenizer(processor=processors.Sequence([processors.ByteLevel(trim_offsets=False)]))) \
+        is not None

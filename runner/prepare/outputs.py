@@ -99,7 +99,15 @@ def _int_lists(arrays: list[np.ndarray]):
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(np.fromiter(map(len, arrays), dtype=np.int32, count=len(arrays)), out=offsets[1:])
     values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.ListArray.from_arrays(_int32s(offsets), _int32s(values))
+
+
+def _int32s(values: np.ndarray):
+    """An int32 Arrow array over the numpy buffer: `pa.array(ndarray)` would import pandas (0.2 s) to look for
+    pandas types."""
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(np.ascontiguousarray(values))])
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
