@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from forge.contract.events import Event, Failure, Log, Progress as ProgressEvent, Result, StageFinished, StageStarted
+from forge.contract.events import Backoff, Event, Failure, Log, Progress as ProgressEvent, Result, StageFinished, StageStarted
 from forge.contract.plan import Plan
 
 err_console = Console(stderr=True, highlight=False)
@@ -70,6 +70,11 @@ class EventRenderer:
         elif isinstance(event, Log):
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
             self.progress.console.print(event.message, style=style, markup=False, highlight=False)
+        elif isinstance(event, Backoff):
+            self.progress.console.print(
+                f"Out of memory at step {event.step}: micro-batch {event.micro_batch_from} -> "
+                f"{event.micro_batch_size}, gradient accumulation -> {event.gradient_accumulation}",
+                style="yellow", markup=False, highlight=False)
         elif isinstance(event, Failure):
             print_error(event.message, event.hint, console=self.progress.console)
         elif isinstance(event, Result):

@@ -26,9 +26,10 @@ class TrainState:
     """Everything besides tensors that a resume needs to continue exactly where it stopped."""
 
     step: int = 0
-    micro_index: int = 0  # micro-batches consumed; the data order is a pure function of (seed, epoch)
-    micro_batch_size: int = 1
+    position: int = 0  # rows consumed from the stream (see batches.RowStream): the data position
+    micro_batch_size: int = 1  # as last used: after an OOM backoff, the smaller size is the one resumed with
     gradient_accumulation: int = 1
+    backoffs: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
 
@@ -44,7 +45,7 @@ def save(root: Path, state: TrainState, model, optimizer, scheduler, keep_last: 
     save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     files = sorted(path.name for path in tmp.iterdir())
     for name in files:
@@ -98,7 +99,24 @@ def load(path: Path, model, optimizer, scheduler) -> TrainState:
     set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def rng_state() -> dict:
+    """Every random stream training draws from (dropout on CPU or GPU, Python's `random`)."""
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from forge.contract.events import Failure, Log, Progress, Result, StageFinished, StageStarted, encode_event
+from forge.contract.events import Backoff, Failure, Log, Progress, Result, StageFinished, StageStarted, encode_event
 
-_KINDS = {cls.model_fields["kind"].default: cls for cls in (StageStarted, Progress, StageFinished, Log, Result, Failure)}
+_KINDS = {cls.model_fields["kind"].default: cls for cls in (StageStarted, Progress, StageFinished, Log, Result, Backoff, Failure)}
 _stream: IO[str] | None = None  # sys.stdout until claim_stdout() moves it aside
 _copies: list[IO[str]] = []
 PROGRESS_INTERVAL_S = 0.25

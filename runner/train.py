@@ -7,6 +7,7 @@ config, so rerunning the same plan resumes the same run from its newest valid ch
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -16,9 +17,12 @@ from pathlib import Path
 
 from forge.contract.plan import Plan
 from forge.contract.plan_io import atomic_write_text, dump_plan
-from forge.errors import ConfigError, DataError
-from forge.runner import checkpoint, models, stop
+from forge.errors import ConfigError, DataError, HardwareError
+from forge.runner import checkpoint, models, run_record, stop
+from forge.runner.batches import RowStream, collate, learned_tokens, micro_batches, steps_per_epoch
 from forge.runner.emit import also_write_to, emit, log, stage
+from forge.runner.evaluate import evaluate
+from forge.runner.report import Reporters
 from forge.runner.hashing import sha256_json
 from forge.runner.prepare.pipeline import dataset_dir
 from forge.runner.resources import peak_rss_mb
@@ -45,12 +49,15 @@ def train(plan: Plan) -> None:
         _result(run_dir, json.loads((run_dir / "metrics.json").read_text()))
         return
     atomic_write_text(run_dir / "config.yaml", dump_plan(plan))
+    environment = run_record.write_environment(run_dir, plan, dataset)
 
     torch.manual_seed(plan.train.seed)
     model, tokenizer = _setup_model(plan, model_dir)
-    rows = _read_split(dataset, "train")
-    batches = MicroBatches(rows, plan.train.micro_batch_size, plan.train.seed, tokenizer.pad_token_id)
-    total_steps = plan.train.max_steps or plan.train.epochs * math.ceil(len(batches) / plan.train.gradient_accumulation)
+    stream = RowStream(_read_split(dataset, "train"), plan.train.seed)
+    if not len(stream):
+        raise DataError("The training split is empty.", "Add data or lower prepare.val_fraction, then prepare again.")
+    effective = plan.train.micro_batch_size * plan.train.gradient_accumulation
+    total_steps = plan.train.max_steps or plan.train.epochs * steps_per_epoch(len(stream), effective)
     optimizer, scheduler = _setup_optimizer(plan, model, total_steps)
 
     state = checkpoint.TrainState(micro_batch_size=plan.train.micro_batch_size,
@@ -60,36 +67,99 @@ def train(plan: Plan) -> None:
     if latest is not None:
         state = checkpoint.load(latest, model, optimizer, scheduler)
         resumed_from = state.step
-        log(f"Resuming from checkpoint {latest.name} (step {state.step} of {total_steps}).")
+        log(f"Resuming from checkpoint {latest.name} (step {state.step} of {total_steps}, "
+            f"micro-batch {state.micro_batch_size} x {state.gradient_accumulation}).")
 
-    _loop(plan, model, batches, optimizer, scheduler, state, total_steps, run_dir)
-    metrics = _finish(plan, model, dataset, run_dir, state, total_steps, resumed_from, tokenizer.pad_token_id)
+    with Reporters(plan.train.report_to, run_dir, plan) as reporters:
+        _loop(plan, model, stream, tokenizer.pad_token_id, optimizer, scheduler, state, total_steps, run_dir,
+              reporters)
+        metrics = _finish(plan, model, dataset, run_dir, state, total_steps, resumed_from, tokenizer.pad_token_id,
+                          environment)
+        reporters.log({f"eval/{key}": value for key, value in metrics.items() if isinstance(value, float)},
+                      state.step)
     _result(run_dir, metrics)
 
 
 def _setup_model(plan: Plan, model_dir: Path):
+    """The base model with LoRA adapters: Unsloth's FastLanguageModel on CUDA when the image has it (its
+    kernels and gradient checkpointing), else transformers + PEFT; 8/4-bit weights through bitsandbytes."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if plan.hardware.accelerator == "cpu" and plan.train.dtype == "float16":
+    spec = plan.train
+    cuda = plan.hardware.accelerator == "cuda" and torch.cuda.is_available()
+    if spec.quantization != "none" and not cuda:
+        raise ConfigError(f"train.quantization {spec.quantization} needs a CUDA GPU (bitsandbytes); this run has none.",
+                          "Set train.quantization: none for CPU runs, or plan on a GPU machine.")
+    if not cuda and spec.dtype == "float16":
         raise ConfigError("float16 training is not supported on CPU.", "Set train.dtype to float32 or bfloat16.")
+    backend = _backend(spec.backend, cuda)
     with stage("load", total=1, unit="model") as progress:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if backend == "unsloth":
+            model, tokenizer = _unsloth_model(plan, model_dir)
+        else:
+            model, tokenizer = _peft_model(plan, model_dir, cuda)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, plan.train.dtype))
-        lora = plan.train.lora
-        missing = [name for name in lora.target_modules if not any(n.endswith(name) for n, _ in model.named_modules())]
-        if missing:
-            raise ConfigError(f"LoRA target modules not in this model: {', '.join(missing)}.",
-                              "Fix train.lora.target_modules in forge.yaml.")
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
         trainable, total = model.get_nb_trainable_parameters()
-        progress.summary = {"trainable": trainable, "params": total}
+        progress.summary = {"backend": backend, "trainable": trainable, "params": total}
         progress.advance(1)
     model.train()
+    return model, tokenizer
+
+
+def _backend(wanted: str, cuda: bool) -> str:
+    import importlib.util
+
+    has_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
+    if wanted == "unsloth" and not has_unsloth:
+        raise ConfigError("train.backend unsloth needs a CUDA GPU and an image with Unsloth (the GPU images).",
+                          "Set train.backend: auto (Unsloth where it can run, transformers + PEFT elsewhere).")
+    return "unsloth" if wanted == "unsloth" or (wanted == "auto" and has_unsloth) else "transformers"
+
+
+def _peft_model(plan: Plan, model_dir: Path, cuda: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    spec = plan.train
+    dtype = getattr(torch, spec.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    quantization = {
+        "none": None,
+        "8bit": BitsAndBytesConfig(load_in_8bit=True),
+        "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype),
+    }[spec.quantization]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization,
+                                                 **({"device_map": {"": 0}} if cuda else {}))
+    if quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = spec.lora
+    missing = [name for name in lora.target_modules if not any(n.endswith(name) for n, _ in model.named_modules())]
+    if missing:
+        raise ConfigError(f"LoRA target modules not in this model: {', '.join(missing)}.",
+                          "Fix train.lora.target_modules in forge.yaml.")
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def _unsloth_model(plan: Plan, model_dir: Path):
+    """Not exercised by the CPU test suite: it runs only in a CUDA image on a GPU."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    spec = plan.train
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=plan.prepare.max_length, dtype=getattr(torch, spec.dtype),
+        load_in_4bit=spec.quantization == "4bit", load_in_8bit=spec.quantization == "8bit",
+    )
+    lora = spec.lora
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        use_gradient_checkpointing="unsloth", random_state=spec.seed,
+    )
     return model, tokenizer
 
 
@@ -103,32 +173,39 @@ def _setup_optimizer(plan: Plan, model, total_steps: int):
     return optimizer, scheduler
 
 
-def _loop(plan, model, batches, optimizer, scheduler, state, total_steps: int, run_dir: Path) -> None:
+def _loop(plan, model, stream: RowStream, pad_id: int, optimizer, scheduler, state, total_steps: int,
+          run_dir: Path, reporters: Reporters) -> None:
     import torch
 
-    accumulation = state.gradient_accumulation
+    effective = plan.train.micro_batch_size * plan.train.gradient_accumulation
     params = [p for p in model.parameters() if p.requires_grad]
     with stage("train", total=total_steps, unit="steps") as progress:
         progress.done = state.step
-        started, tokens_seen = time.monotonic(), 0
+        started, first_step, tokens_seen = time.monotonic(), state.step, 0
         while state.step < total_steps:
-            step_loss = 0.0
-            for _ in range(accumulation):
-                batch = batches.get(state.micro_index)
-                state.micro_index += 1
-                loss = model(**batch).loss / accumulation
-                loss.backward()
-                step_loss += loss.item()
-                tokens_seen += batches.last_tokens
+            rows = stream.take(state.position, effective)
+            rng = checkpoint.rng_state()
+            try:
+                step_loss = _accumulate(model, rows, state.micro_batch_size, pad_id)
+            except torch.OutOfMemoryError as exc:
+                optimizer.zero_grad(set_to_none=True)
+                checkpoint.set_rng_state(rng)  # the retried step draws the same dropout as an uninterrupted one
+                _back_off(state, effective, str(exc))
+                continue
+            tokens_seen += sum(len(row["input_ids"]) for row in rows)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            state.position += effective
             state.history.append({"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
-            progress.advance(1, force=True, loss=step_loss, lr=lr, grad_norm=grad_norm,
-                             tokens_per_s=tokens_seen / max(time.monotonic() - started, 1e-9), rss_mb=peak_rss_mb())
+            elapsed = max(time.monotonic() - started, 1e-9)
+            metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_seen / elapsed,
+                       "eta_s": (total_steps - state.step) * elapsed / (state.step - first_step), **peak_memory()}
+            progress.advance(1, force=True, **metrics)
+            reporters.log({f"train/{key}": value for key, value in metrics.items() if key != "eta_s"}, state.step)
             due = state.step % plan.train.save_every == 0 or state.step == total_steps
             if due or stop.requested.is_set():
                 checkpoint.save(run_dir / "checkpoints", state, model, optimizer, scheduler, plan.train.keep_last)
@@ -138,90 +215,106 @@ def _loop(plan, model, batches, optimizer, scheduler, state, total_steps: int, r
                 raise stop.Stopped()
 
 
-def _finish(plan, model, dataset: Path, run_dir: Path, state, total_steps: int, resumed_from: int, pad_id: int) -> dict:
+def _accumulate(model, rows: list[dict], size: int, pad_id: int) -> float:
+    """One optimizer step's gradients, micro-batch by micro-batch. Each micro-batch's mean loss is weighted by
+    its share of the step's learned tokens, so the step's gradient is the same for any micro-batch size."""
     import torch
 
+    total = learned_tokens(rows)
+    limit = _simulated_memory_limit()
+    step_loss = 0.0
+    for chunk in micro_batches(rows, size):
+        if limit is not None and len(chunk) > limit:
+            raise torch.OutOfMemoryError(f"simulated (FORGE_SIMULATE_OOM_ABOVE_ROWS={limit}): "
+                                         f"a micro-batch of {len(chunk)} rows does not fit")
+        tokens = learned_tokens(chunk)
+        if not tokens:  # nothing to learn here: a mean over no tokens would be NaN
+            continue
+        loss = model(**collate(chunk, pad_id)).loss * (tokens / total)
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss
+
+
+def _simulated_memory_limit() -> int | None:
+    """A test hook: micro-batches over this many rows raise CUDA's out-of-memory error, so the backoff path
+    runs on CPU exactly as it would on a GPU that is too small."""
+    value = os.environ.get("FORGE_SIMULATE_OOM_ABOVE_ROWS")
+    return int(value) if value else None
+
+
+def _back_off(state, effective: int, reason: str) -> None:
+    """Halve the micro-batch and raise accumulation to match, so the effective batch (rows per optimizer step)
+    stays the same; the step is retried from the state before it. Recorded in an event, the checkpointed
+    state (so a resume keeps the smaller size) and the run's metrics."""
+    import torch
+
+    if state.micro_batch_size == 1:
+        raise HardwareError(
+            f"Out of GPU memory with a micro-batch of 1 row at step {state.step + 1}: {reason}",
+            "Lower prepare.max_length and prepare again, set train.quantization to 4bit, or pick a smaller model.",
+        )
+    before = state.micro_batch_size
+    state.micro_batch_size = math.ceil(before / 2)
+    state.gradient_accumulation = math.ceil(effective / state.micro_batch_size)
+    record = {"step": state.step + 1, "micro_batch_from": before, "micro_batch_size": state.micro_batch_size,
+              "gradient_accumulation": state.gradient_accumulation, "reason": reason[:300]}
+    state.backoffs.append(record)
+    emit("backoff", **record)
+    log(f"Out of memory at step {record['step']}: micro-batch {before} -> {state.micro_batch_size}, gradient "
+        f"accumulation -> {state.gradient_accumulation} (effective batch {effective} unchanged).", "warning")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_memory() -> dict[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"rss_mb": float(peak_rss_mb())}
+
+
+def _finish(plan, model, dataset: Path, run_dir: Path, state, total_steps: int, resumed_from: int, pad_id: int,
+            environment: dict) -> dict:
     val_rows = _read_split(dataset, "val")
-    val_loss = None
-    if val_rows:
-        model.eval()
-        batches = MicroBatches(val_rows, plan.train.micro_batch_size, plan.train.seed, pad_id, shuffle=False)
-        with stage("evaluate", total=len(batches), unit="batches") as progress, torch.no_grad():
-            losses = []
-            for index in range(len(batches)):
-                losses.append(model(**batches.get(index)).loss.item())
-                progress.advance(1)
-            val_loss = sum(losses) / len(losses)
-            progress.summary = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
+    report = (evaluate(model, val_rows, pad_id, state.micro_batch_size, plan.train.eval_hardest) if val_rows
+              else {"val_loss": None, "perplexity": None, "slices": {}, "hardest": []})
     tmp = run_dir / f".adapter.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)
     os.replace(tmp, run_dir / "adapter")
+    run_record.plot_losses(run_dir / "loss_curve.png", state.history, report["val_loss"])
     metrics = {
+        "run_id": run_dir.name,
+        "model": plan.model.name,
         "steps": state.step,
         "total_steps": total_steps,
         "resumed_from_step": resumed_from,
         "final_loss": state.history[-1]["loss"] if state.history else None,
-        "val_loss": val_loss,
-        "perplexity": math.exp(val_loss) if val_loss is not None else None,
-        "peak_rss_mb": peak_rss_mb(),
+        **report,
+        "micro_batch_size": state.micro_batch_size,
+        "gradient_accumulation": state.gradient_accumulation,
+        "backoffs": state.backoffs,
+        "reproducibility_hash": environment["reproducibility_hash"],
+        **peak_memory(),
         "history": state.history,
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
-class MicroBatches:
-    """Micro-batch i is a pure function of (rows, seed, i): resume needs only the index."""
-
-    def __init__(self, rows: list[dict], size: int, seed: int, pad_id: int, shuffle: bool = True) -> None:
-        if not rows:
-            raise DataError("The training split is empty.", "Add data or lower prepare.val_fraction, then prepare again.")
-        self.rows, self.size, self.seed, self.pad_id, self.shuffle = rows, size, seed, pad_id, shuffle
-        self.per_epoch = math.ceil(len(rows) / size)
-        self._order: tuple[int, list[int]] | None = None
-        self.last_tokens = 0
-
-    def __len__(self) -> int:
-        return self.per_epoch
-
-    def get(self, index: int) -> dict:
-        import torch
-
-        epoch, position = divmod(index, self.per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            order = list(range(len(self.rows)))
-            if self.shuffle:
-                order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            self._order = (epoch, order)
-        chosen = [self.rows[i] for i in self._order[1][position * self.size:(position + 1) * self.size]]
-        width = max(len(row["input_ids"]) for row in chosen)
-        pad = lambda values, fill: values + [fill] * (width - len(values))  # noqa: E731
-        self.last_tokens = sum(len(row["input_ids"]) for row in chosen)
-        batch = {
-            "input_ids": torch.tensor([pad(row["input_ids"], self.pad_id) for row in chosen]),
-            "labels": torch.tensor([pad(row["labels"], -100) for row in chosen]),
-        }
-        if "position_ids" in chosen[0]:
-            # Packed rows: without an attention mask (and without a KV cache), transformers builds a block-causal
-            # mask from the position ids, which restart at 0 per example, so examples do not attend to each other.
-            batch["position_ids"] = torch.tensor([pad(row["position_ids"], 0) for row in chosen])
-            batch["use_cache"] = False
-        else:
-            batch["attention_mask"] = torch.tensor([pad([1] * len(row["input_ids"]), 0) for row in chosen])
-        return batch
-
-
 def _read_split(dataset: Path, split: str) -> list[dict]:
-    """All shards of a split, in order. Packed datasets carry position_ids, which restart per example."""
+    """All shards of a split, in order, with what training and evaluation read (ids and tags for slicing)."""
     import pyarrow.parquet as pq
 
     rows = []
     for path in sorted((dataset / split).glob("*.parquet")):
         table = pq.read_table(path)
-        columns = [c for c in ("input_ids", "labels", "position_ids") if c in table.column_names]
-        rows.extend(table.select(columns).to_pylist())
+        wanted = ("id", "ids", "tags", "input_ids", "labels", "position_ids")
+        rows.extend(table.select([c for c in wanted if c in table.column_names]).to_pylist())
     return rows
 
 

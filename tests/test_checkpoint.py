@@ -33,7 +33,7 @@ def _step(model, optimizer, scheduler):
 def test_save_and_load_restore_weights_optimizer_and_state(tmp_path):
     model, optimizer, scheduler = _tiny()
     _step(model, optimizer, scheduler)
-    state = checkpoint.TrainState(step=1, micro_index=3, history=[{"step": 1, "loss": 2.0}])
+    state = checkpoint.TrainState(step=1, position=12, history=[{"step": 1, "loss": 2.0}])
     path = checkpoint.save(tmp_path, state, model, optimizer, scheduler, keep_last=2)
     after_save = torch.rand(3)
 

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 from forge.runner.prepare.pack import pack  # noqa: E402
 from forge.runner.prepare.tokenize import IGNORE, Encoded  # noqa: E402
-from forge.runner.train import MicroBatches  # noqa: E402
+from forge.runner.batches import collate  # noqa: E402
 
 
 def test_packed_example_sees_only_itself(smollm2_dir):
@@ -18,7 +18,7 @@ def test_packed_example_sees_only_itself(smollm2_dir):
     (packed_row,) = pack([("a", Encoded(np.array(first), np.full(40, IGNORE))),
                           ("b", Encoded(np.array(second), np.full(20, IGNORE)))], 64)
     row = {key: np.asarray(value).tolist() for key, value in packed_row.items()}  # as read back from Parquet
-    batch = MicroBatches([row], 1, 0, 0, shuffle=False).get(0)
+    batch = collate([row], pad_id=0)
     assert "attention_mask" not in batch and batch["position_ids"][0, 40].item() == 0
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, 40:60]

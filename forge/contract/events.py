@@ -50,10 +50,21 @@ class Log(_Event):
 
 class Result(_Event):
     kind: Literal["result"] = "result"
-    step: Literal["prepare", "train"]
+    step: Literal["prepare", "train", "export"]
     status: Literal["ok", "stopped"]
     paths: dict[str, str] = Field({}, description="Container paths of what the step produced")
     info: dict[str, int | float | str | None] = {}
+
+
+class Backoff(_Event):
+    """Training ran out of GPU memory: the micro-batch was halved and accumulation raised to match."""
+
+    kind: Literal["backoff"] = "backoff"
+    step: int
+    micro_batch_from: int
+    micro_batch_size: int
+    gradient_accumulation: int
+    reason: str
 
 
 class Failure(_Event):
@@ -63,7 +74,7 @@ class Failure(_Event):
     hint: str = ""
 
 
-Event = Annotated[Union[StageStarted, Progress, StageFinished, Log, Result, Failure], Field(discriminator="kind")]
+Event = Annotated[Union[StageStarted, Progress, StageFinished, Log, Result, Backoff, Failure], Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 

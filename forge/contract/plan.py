@@ -180,6 +180,13 @@ class TrainSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     lora: LoraSpec
+    backend: Literal["auto", "unsloth", "transformers"] = Field(
+        "auto", description="auto: Unsloth on a CUDA image that has it, transformers + PEFT elsewhere")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Base weights through bitsandbytes "
+                                                          "(QLoRA with 4bit); CUDA only")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="Also send metrics here; the package must be installed in the image")
+    eval_hardest: int = Field(10, ge=0, description="Validation rows with the highest loss listed in metrics.json")
 
 
 class OutputSpec(Strict):
@@ -201,3 +208,10 @@ class Plan(Strict):
     train: TrainSpec
     output: OutputSpec = OutputSpec()
     reasons: list[str] = Field([], description="Why the planner chose what it chose")
+
+    @model_validator(mode="after")
+    def _quantization_needs_cuda(self) -> Plan:
+        if self.train.quantization != "none" and self.hardware.accelerator != "cuda":
+            raise ValueError(f"train.quantization {self.train.quantization!r} needs a CUDA GPU (bitsandbytes), "
+                             "but this plan is for the CPU: set train.quantization to none")
+        return self

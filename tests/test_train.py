@@ -1,0 +1,195 @@
+"""forge train's recipe as a killable subprocess (the runner's code outside a container; the end-to-end test
+runs it in the image): resume after kill -9 matches an uninterrupted run, OOM backoff keeps the effective
+batch, and the run directory holds everything a run promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forge.contract.plan_io import load_plan, write_plan
+from forge.host.detect import detect
+from forge.runner.prepare.pipeline import prepare
+from forge.runner.train import run_dir_for
+from tests.conftest import REPO
+from tests.test_prepare import NoGpu
+
+pytest.importorskip("torch")
+
+STEPS = 8
+
+
+def _plan(root: Path, model_cache: Path, **train):
+    from forge.host.planner import build_plan
+
+    files = [REPO / "examples" / "alpaca-sample.jsonl", REPO / "examples" / "chat-sample.jsonl"]
+    built = build_plan("smoke", "smollm2-135m-instruct", [str(f) for f in files], detect(NoGpu()), root)
+    inputs = [i.model_copy(update={"path": str(f), "tags": {"source": f.stem.split("-")[0]}})
+              for i, f in zip(built.data.inputs, files)]
+    lora = built.train.lora.model_copy(update={"dropout": 0.1})  # dropout: resume must restore the RNG too
+    built = built.model_copy(update={
+        "data": built.data.model_copy(update={"inputs": inputs}),
+        "output": built.output.model_copy(update={"dir": str(root / "out"), "model_cache": str(model_cache)}),
+        "prepare": built.prepare.model_copy(update={"max_length": 128, "workers": 1}),
+        "train": built.train.model_copy(update={"max_steps": STEPS, "save_every": 2, "micro_batch_size": 4,
+                                                "gradient_accumulation": 1, "lora": lora, **train}),
+    })
+    root.mkdir(parents=True, exist_ok=True)
+    write_plan(built, root / "forge.yaml")
+    return load_plan(root / "forge.yaml")
+
+
+def _run(root: Path, env: dict | None = None, kill_at_step: int | None = None, delay: float = 0.0) -> list[dict]:
+    """The train step as a subprocess; with kill_at_step, SIGKILL it `delay` s after that step's event."""
+    process = subprocess.Popen([sys.executable, "-m", "forge.runner", "train", "--config", str(root / "forge.yaml")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    events = []
+    for line in process.stdout:
+        if '"forge_event"' not in line:
+            continue
+        events.append(json.loads(line))
+        event = events[-1]
+        if kill_at_step is not None and event["kind"] == "progress" and event["stage"] == "train" \
+                and event["done"] >= kill_at_step:
+            if delay:
+                import time
+
+                time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=600)
+    if kill_at_step is None:
+        assert process.returncode == 0, process.stderr.read()[-3000:]
+    return events
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, model_cache):
+    root = tmp_path_factory.mktemp("train")
+    plan = _plan(root / "base", model_cache)
+    prepare(plan)
+    return plan, root
+
+
+def _job(prepared, name: str, model_cache, **train) -> tuple[Path, Path]:
+    """A job of its own that reuses the prepared dataset (same data and prepare settings: the same key)."""
+    plan, root = prepared
+    job = root / name
+    new = _plan(job, model_cache, **train)
+    shutil.copytree(Path(plan.output.dir) / "datasets", Path(new.output.dir) / "datasets")
+    (dataset,) = (Path(new.output.dir) / "datasets").iterdir()
+    return job, run_dir_for(new, dataset)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, model_cache):
+    job, run_dir = _job(prepared, "uninterrupted", model_cache)
+    events = _run(job)
+    return run_dir, events, json.loads((run_dir / "metrics.json").read_text())
+
+
+def _losses(metrics: dict) -> list[float]:
+    return [entry["loss"] for entry in metrics["history"]]
+
+
+def test_run_directory_holds_adapter_config_metrics_environment_and_curve(uninterrupted):
+    run_dir, events, metrics = uninterrupted
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "train:" in (run_dir / "config.yaml").read_text()
+    assert [entry["step"] for entry in metrics["history"]] == list(range(1, STEPS + 1))
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert {"torch", "transformers", "peft"} <= set(environment["packages"])
+    assert len(environment["reproducibility_hash"]) == 64
+    assert environment["reproducibility_hash"] == metrics["reproducibility_hash"]
+    png = (run_dir / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    logged = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in logged if e["kind"] == "progress" and e["stage"] == "train"]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "rss_mb"} <= set(steps[-1]["metrics"])
+
+
+def test_evaluation_is_sliced_by_tags_with_the_hardest_rows(uninterrupted):
+    _, _, metrics = uninterrupted
+    slices = metrics["slices"]
+    assert set(slices) == {"source:alpaca", "source:chat"}
+    assert sum(s["rows"] for s in slices.values()) == metrics["val_rows"]
+    # the overall loss is the token-weighted mean of the slices (each row is in exactly one here)
+    tokens = sum(s["tokens"] for s in slices.values())
+    weighted = sum(s["loss"] * s["tokens"] for s in slices.values()) / tokens
+    assert metrics["val_loss"] == pytest.approx(weighted, rel=1e-9)
+    hardest = metrics["hardest"]
+    assert hardest and all(h["tags"]["source"] in ("alpaca", "chat") for h in hardest)
+    assert [h["loss"] for h in hardest] == sorted((h["loss"] for h in hardest), reverse=True)
+
+
+def test_kill_9_at_random_moments_then_rerun_matches_the_uninterrupted_losses(prepared, model_cache, uninterrupted):
+    _, _, expected = uninterrupted
+    job, run_dir = _job(prepared, "killed", model_cache)
+    rng = random.Random(4)
+    for _ in range(3):
+        _run(job, kill_at_step=rng.randint(1, STEPS - 1), delay=rng.uniform(0, 0.4))
+    events = _run(job)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] > 0
+    assert not any(e["kind"] == "log" and "Skipping checkpoint" in e["message"] and "checksum" in e["message"]
+                   for e in events)
+    assert len(_losses(metrics)) == STEPS
+    assert _losses(metrics) == pytest.approx(_losses(expected), abs=1e-5)
+    assert metrics["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-5)
+
+
+def _without_dropout(prepared, model_cache, name: str) -> tuple[Path, Path]:
+    plan, _ = prepared
+    return _job(prepared, name, model_cache, lora=plan.train.lora.model_copy(update={"dropout": 0.0}))
+
+
+def test_out_of_memory_halves_the_micro_batch_keeps_the_effective_batch_and_resumes_with_it(prepared, model_cache):
+    """Without dropout (whose masks depend on the micro-batch shape), a step split four ways must give the
+    loss of the same step taken whole."""
+    job, run_dir = _without_dropout(prepared, model_cache, "whole")
+    _run(job)
+    expected = json.loads((run_dir / "metrics.json").read_text())
+    job, run_dir = _without_dropout(prepared, model_cache, "oom")
+    events = _run(job, env={"FORGE_SIMULATE_OOM_ABOVE_ROWS": "1"}, kill_at_step=3)
+    backoffs = [e for e in events if e["kind"] == "backoff"]
+    assert [(b["micro_batch_from"], b["micro_batch_size"], b["gradient_accumulation"]) for b in backoffs] == [
+        (4, 2, 2), (2, 1, 4)]
+    saved = json.loads((run_dir / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert (saved["micro_batch_size"], saved["gradient_accumulation"]) == (1, 4)
+    events = _run(job, env={"FORGE_SIMULATE_OOM_ABOVE_ROWS": "1"})  # resumes at the smaller size: no new backoff
+    assert not [e for e in events if e["kind"] == "backoff"]
+    assert any(e["kind"] == "log" and "micro-batch 1 x 4" in e["message"] for e in events)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [b["micro_batch_size"] for b in metrics["backoffs"]] == [2, 1]
+    assert _losses(metrics) == pytest.approx(_losses(expected), abs=1e-5)
+
+
+def test_out_of_memory_with_a_single_row_is_a_clear_error(prepared, model_cache):
+    job, _ = _job(prepared, "oom-floor", model_cache, micro_batch_size=1, gradient_accumulation=2)
+    process = subprocess.run([sys.executable, "-m", "forge.runner", "train", "--config", str(job / "forge.yaml")],
+                             capture_output=True, text=True, env={**os.environ, "FORGE_SIMULATE_OOM_ABOVE_ROWS": "0"})
+    errors = [json.loads(line) for line in process.stdout.splitlines() if '"kind":"error"' in line]
+    assert process.returncode == 7 and errors[0]["code"] == "hardware"
+    assert "micro-batch of 1 row" in errors[0]["message"] and "max_length" in errors[0]["hint"]
+    assert "Traceback" not in process.stderr
+
+
+def test_quantization_on_a_cpu_plan_is_refused_when_the_plan_loads(tmp_path, model_cache):
+    from forge.errors import ConfigError
+
+    plan = _plan(tmp_path, model_cache)
+    text = (tmp_path / "forge.yaml").read_text().replace("quantization: none", "quantization: 4bit")
+    (tmp_path / "forge.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_plan(tmp_path / "forge.yaml")
+    assert "CUDA" in str(error.value.message) and plan.train.quantization == "none"
