@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 images_app = typer.Typer(no_args_is_help=True, help="Build, list and bootstrap the runner images.")
 app.add_typer(images_app, name="images")
+runs_app = typer.Typer(no_args_is_help=True, help="List, inspect and compare training runs.")
+app.add_typer(runs_app, name="runs")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The plan to run (written by `forge plan`).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="End with one JSON object (status and output paths) on stdout, for CI.")]
@@ -73,6 +75,67 @@ def prepare(
 def train(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False, memory: MemoryOption = None) -> None:
     """Train LoRA in the runner image; rerun to resume from the newest checkpoint."""
     _run_step("train", config, as_json, [], memory)
+
+
+@app.command()
+def export(
+    config: ConfigOption = Path("forge.yaml"),
+    run: Annotated[Optional[str], typer.Option("--run", help="Run id or a unique prefix (`forge runs list`); default: the latest finished run.")] = None,
+    as_json: JsonOption = False,
+    memory: MemoryOption = None,
+) -> None:
+    """Merge a run's LoRA adapter into the base weights, saved as safetensors with the tokenizer in runs/<id>/merged."""
+    _run_step("export", config, as_json, ["--run", run] if run else [], memory)
+
+
+@runs_app.command("list")
+def runs_list(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False) -> None:
+    """The runs of this plan's output directory: steps, losses, and whether they finished."""
+    from forge.host import runs as runs_
+    from forge.host.render import runs_table
+
+    found = runs_.all_runs(_out_dir(config))
+    if as_json:
+        typer.echo(json.dumps([{"id": r.id, "finished": r.metrics is not None,
+                                **{k: (r.metrics or {}).get(k) for k in ("steps", "val_loss", "perplexity")}}
+                               for r in found]))
+    else:
+        runs_table(found)
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+              config: ConfigOption = Path("forge.yaml")) -> None:
+    """One run: its metrics, evaluation per tag slice, hardest rows, OOM backoffs and reproducibility hash."""
+    from forge.host import runs as runs_
+    from forge.host.render import run_details
+
+    run_details(runs_.find(_out_dir(config), run_id))
+
+
+@runs_app.command("compare")
+def runs_compare(a: Annotated[str, typer.Argument(help="Run A (id or prefix).")],
+                 b: Annotated[str, typer.Argument(help="Run B (id or prefix).")],
+                 config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False) -> None:
+    """Evaluation deltas B - A per tag slice, and the settings that differ."""
+    from forge.host import runs as runs_
+    from forge.host.render import comparison
+
+    out = _out_dir(config)
+    run_a, run_b = runs_.find(out, a), runs_.find(out, b)
+    rows, differences = runs_.compare(run_a, run_b), runs_.config_differences(run_a, run_b)
+    if as_json:
+        typer.echo(json.dumps({"a": run_a.id, "b": run_b.id, "slices": rows, "note": runs_.CORRELATION_NOTE,
+                               "config_differences": [list(d) for d in differences]}))
+    else:
+        comparison(run_a, run_b, rows, differences, runs_.CORRELATION_NOTE)
+
+
+def _out_dir(config: Path) -> Path:
+    from forge.contract.plan_io import load_plan
+    from forge.host.mounts import output_dir
+
+    return output_dir(load_plan(config), config.resolve().parent)
 
 
 @app.command()

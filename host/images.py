@@ -33,6 +33,7 @@ class ImageInfo:
     cuda: str
     size_mb: int
     source: str
+    id: str = ""
 
 
 def find_context(start: Path | None = None) -> Path:
@@ -128,6 +129,7 @@ def _info(image) -> ImageInfo:
         cuda=labels.get(f"{LABEL_PREFIX}.cuda", "?"),
         size_mb=int(image.attrs.get("Size", 0) / 1e6),
         source=labels.get(f"{LABEL_PREFIX}.source", "?"),
+        id=image.id or "",
     )
 
 

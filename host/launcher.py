@@ -27,7 +27,7 @@ from forge.host.mounts import Mounts, build_mounts, container_user, output_dir
 STOP_GRACE_SECONDS = 60
 OUTPUT_LABEL = "dev.forge.output"
 PASSTHROUGH_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-Step = Literal["prepare", "train"]
+Step = Literal["prepare", "train", "export"]
 
 
 @dataclass
@@ -57,7 +57,7 @@ def run_step(
 
     out = str(output_dir(plan, plan_dir))
     _refuse_concurrent_runner(out)
-    container = _create([step, *(args or [])], plan, image.tag, volumes, out, memory)
+    container = _create([step, *(args or [])], plan, image, volumes, out, memory)
     outcome = Outcome(exit_code=1, result=None, failure=None, mounts=mounts)
     try:
         lines: queue.Queue = queue.Queue()
@@ -102,7 +102,7 @@ def _refuse_concurrent_runner(out: str) -> None:
         )
 
 
-def _create(command: list[str], plan: Plan, tag: str, volumes: dict, out: str, memory: str | None):
+def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memory: str | None):
     import docker
     from docker.errors import APIError
 
@@ -112,6 +112,8 @@ def _create(command: list[str], plan: Plan, tag: str, volumes: dict, out: str, m
         "TQDM_DISABLE": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "FORGE_IMAGE": image.tag,  # recorded in a run's environment.json
+        "FORGE_IMAGE_ID": image.id,
         **({"HF_HUB_OFFLINE": "1"} if plan.model.source.kind != "hub" else {}),
         **{name: os.environ[name] for name in PASSTHROUGH_SECRETS if os.environ.get(name)},
     }
@@ -121,7 +123,7 @@ def _create(command: list[str], plan: Plan, tag: str, volumes: dict, out: str, m
         devices = [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
     try:
         return client().containers.create(
-            tag,
+            image.tag,
             command=command,
             volumes=volumes,
             environment=environment,

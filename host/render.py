@@ -124,3 +124,74 @@ def plan_summary(plan: Plan, path: str) -> None:
     out_console.print("[bold]Why:[/bold]")
     for reason in plan.reasons:
         out_console.print(f"  • {reason}", markup=False, highlight=False)
+
+
+def _maybe(value) -> str:
+    return "—" if value is None else _number(value)
+
+
+def runs_table(runs) -> None:
+    table = Table(title="runs", title_justify="left")
+    for name in ("run", "status", "steps", "final loss", "val loss", "perplexity"):
+        table.add_column(name, no_wrap=name == "run")
+    for run in runs:
+        m = run.metrics
+        if m is None:
+            table.add_row(run.id, "incomplete", f"checkpoint at {run.last_checkpoint_step}", "—", "—", "—")
+        else:
+            table.add_row(run.id, "finished", f"{m['steps']}/{m['total_steps']}", _maybe(m.get("final_loss")),
+                          _maybe(m.get("val_loss")), _maybe(m.get("perplexity")))
+    out_console.print(table if runs else "No runs yet: `forge train` writes them.")
+
+
+def run_details(run) -> None:
+    m = run.metrics
+    out_console.print(f"[bold]{run.id}[/bold]  {run.path}")
+    if m is None:
+        out_console.print(f"Not finished; newest checkpoint at step {run.last_checkpoint_step}. Rerun `forge train`.")
+        return
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    for key in ("model", "steps", "total_steps", "resumed_from_step", "final_loss", "val_loss", "perplexity",
+                "micro_batch_size", "gradient_accumulation", "reproducibility_hash"):
+        summary.add_row(key, _maybe(m.get(key)))
+    out_console.print(summary)
+    for backoff in m.get("backoffs", []):
+        out_console.print(f"OOM backoff at step {backoff['step']}: micro-batch {backoff['micro_batch_from']} -> "
+                          f"{backoff['micro_batch_size']} × {backoff['gradient_accumulation']}", style="yellow")
+    if m.get("slices"):
+        table = Table(title="validation by tag", title_justify="left")
+        for name in ("slice", "rows", "loss", "perplexity"):
+            table.add_column(name)
+        for name, s in m["slices"].items():
+            table.add_row(name, str(s["rows"]), _maybe(s["loss"]), _maybe(s["perplexity"]))
+        out_console.print(table)
+    if m.get("hardest"):
+        table = Table(title="hardest validation rows", title_justify="left")
+        for name in ("id", "loss", "tags"):
+            table.add_column(name)
+        for row in m["hardest"]:
+            table.add_row(row["id"], _maybe(row["loss"]), ", ".join(f"{k}:{v}" for k, v in row["tags"].items()))
+        out_console.print(table)
+
+
+def comparison(a, b, rows: list[dict], differences: list[tuple[str, str, str]], note: str) -> None:
+    table = Table(title=f"B - A   (A = {a.id}, B = {b.id})", title_justify="left")
+    for name in ("slice", "rows A/B", "loss A", "loss B", "Δ loss", "Δ perplexity"):
+        table.add_column(name)
+    for row in rows:
+        delta = row["loss_delta"]
+        style = "" if delta is None or abs(delta) < 1e-9 else ("green" if delta < 0 else "red")
+        table.add_row(row["slice"], f"{_maybe(row['rows_a'])}/{_maybe(row['rows_b'])}", _maybe(row["loss_a"]),
+                      _maybe(row["loss_b"]), f"[{style}]{_maybe(delta)}[/{style}]" if style else _maybe(delta),
+                      _maybe(row["perplexity_delta"]))
+    out_console.print(table)
+    if differences:
+        settings = Table(title="settings that differ", title_justify="left")
+        for name in ("setting", "A", "B"):
+            settings.add_column(name)
+        for key, left, right in differences:
+            settings.add_row(key, left, right)
+        out_console.print(settings)
+    out_console.print(note, style="italic")

@@ -15,9 +15,10 @@ from forge.runner import emit, stop
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forge.runner")
-    parser.add_argument("step", choices=["prepare", "train"])
+    parser.add_argument("step", choices=["prepare", "train", "export"])
     parser.add_argument("--config", type=Path, default=Path(paths.JOB_CONFIG))
     parser.add_argument("--rebuild", action="store_true", help="prepare: ignore the cache and any partial run")
+    parser.add_argument("--run", help="export: the run id (or a unique prefix); default the latest finished run")
     args = parser.parse_args(argv)
 
     emit.claim_stdout()
@@ -31,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
             from forge.runner.prepare.pipeline import prepare
 
             prepare(plan, rebuild=args.rebuild)
-        else:
+        elif args.step == "train":
             from forge.runner.train import train
 
             train(plan)
+        else:
+            from forge.runner.export import export
+
+            export(plan, args.run)
         return 0
     except stop.Stopped:
         emit.log("Stopped on request; state saved. Rerun the same command to continue.", "warning")

@@ -141,6 +141,63 @@ def test_train_stops_gracefully_survives_kill_and_resumes(job, prepared, engine,
     _generate_with_adapter(smollm2_dir, Path(result["paths"]["adapter"]))
 
 
+def _copy_job(job: Path, name: str) -> Path:
+    """Another job over the same data and plan, with the prepared dataset but no runs."""
+    copy = job.parent / name
+    shutil.copytree(job, copy, ignore=shutil.ignore_patterns("runs", ".jobs"))
+    return copy
+
+
+def test_train_killed_at_random_moments_matches_an_uninterrupted_run_then_exports(job, prepared, engine):
+    """kill -9 of the container at random moments (while loading, training or writing a checkpoint): every
+    rerun resumes from a valid checkpoint and the finished run's losses match an uninterrupted one; then
+    `forge export` merges the adapter and `forge runs list` shows the run."""
+    import random
+
+    import docker
+
+    code, result, err = finish(forge("train", "--json", cwd=_copy_job(job, "uninterrupted")))
+    assert code == 0, err
+    expected = json.loads(Path(result["paths"]["metrics"]).read_text())
+
+    killed = _copy_job(job, "killed")
+    rng = random.Random(11)
+    codes = []
+    for attempt in range(3):
+        process = forge("train", "--json", cwd=killed)
+        deadline = time.monotonic() + 120
+        while not _containers(engine) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(2, 12))  # the model loads in a few seconds; 30 steps take about ten more
+        for container in _containers(engine):
+            try:
+                container.kill(signal="SIGKILL")
+            except docker.errors.APIError:  # it finished (and went) first
+                pass
+        code, _, _ = finish(process)
+        codes.append(code)
+    assert codes.count(137) >= 2 and set(codes) <= {0, 137}, codes  # killed, not finished before the kill
+    code, result, err = finish(forge("train", "--json", cwd=killed))
+    assert code == 0 and result["status"] == "ok", err
+    assert result["info"]["resumed_from_step"] > 0
+    metrics = json.loads(Path(result["paths"]["metrics"]).read_text())
+    assert "Skipping checkpoint" not in (Path(result["paths"]["run_dir"]) / "events.jsonl").read_text()
+    assert [h["step"] for h in metrics["history"]] == list(range(1, TOTAL_STEPS + 1))
+    assert [h["loss"] for h in metrics["history"]] == pytest.approx([h["loss"] for h in expected["history"]],
+                                                                    abs=1e-5)
+    assert metrics["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-5)
+    environment = json.loads((Path(result["paths"]["run_dir"]) / "environment.json").read_text())
+    assert environment["image"].startswith("forge-runner:cpu-") and environment["image_id"].startswith("sha256:")
+
+    code, exported, err = finish(forge("export", "--json", cwd=killed))
+    assert code == 0 and exported["status"] == "ok", err
+    assert (Path(exported["paths"]["merged"]) / "model.safetensors").is_file()
+    listed = subprocess.run([sys.executable, "-m", "forge.host", "runs", "list", "--json"], cwd=killed,
+                            capture_output=True, text=True)
+    assert [(r["id"], r["finished"], r["steps"]) for r in json.loads(listed.stdout)] == [
+        (Path(result["paths"]["run_dir"]).name, True, TOTAL_STEPS)]
+
+
 def _assert_locked_down(container) -> None:
     """Non-root, an init process, inputs read-only: checked on the live container."""
     container.reload()

@@ -193,3 +193,61 @@ def test_quantization_on_a_cpu_plan_is_refused_when_the_plan_loads(tmp_path, mod
     with pytest.raises(ConfigError) as error:
         load_plan(tmp_path / "forge.yaml")
     assert "CUDA" in str(error.value.message) and plan.train.quantization == "none"
+
+
+def test_export_merges_the_adapter_into_plain_safetensors_weights(prepared, uninterrupted, smollm2_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, _ = uninterrupted
+    job = run_dir.parents[2]
+    process = subprocess.run([sys.executable, "-m", "forge.runner", "export", "--config", str(job / "forge.yaml"),
+                              "--run", run_dir.name[:12]], capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr[-3000:]
+    merged_dir = run_dir / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+    assert not (merged_dir / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 504, 3458, 282, 1345, 30, 2]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+        plain = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, run_dir / "adapter").eval()(input_ids=ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4)
+    assert not torch.allclose(merged, plain, atol=1e-4)  # the merge changed the weights
+
+
+def test_runs_list_show_and_compare(prepared, model_cache, uninterrupted, tmp_path):
+    """Two finished runs in one output directory: the comparison's deltas are B - A per slice, with the
+    settings that differ and the correlation note."""
+    from typer.testing import CliRunner
+
+    from forge.host.cli import app
+
+    run_a, _, metrics_a = uninterrupted
+    job, run_b = _without_dropout(prepared, model_cache, "compared")
+    _run(job)
+    shutil.copytree(run_a, run_b.parent / run_a.name)  # both under the second job's output directory
+    metrics_b = json.loads((run_b / "metrics.json").read_text())
+    cli = CliRunner()
+    config = str(job / "forge.yaml")
+
+    listed = json.loads(cli.invoke(app, ["runs", "list", "-c", config, "--json"]).output)
+    assert {r["id"] for r in listed} == {run_a.name, run_b.name} and all(r["finished"] for r in listed)
+
+    shown = cli.invoke(app, ["runs", "show", run_b.name[:-3], "-c", config], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "source:alpaca" in shown.output and metrics_b["reproducibility_hash"] in shown.output
+
+    result = cli.invoke(app, ["runs", "compare", run_a.name, run_b.name, "-c", config, "--json"])
+    compared = json.loads(result.output)
+    rows = {row["slice"]: row for row in compared["slices"]}
+    assert rows["all"]["loss_delta"] == pytest.approx(metrics_b["val_loss"] - metrics_a["val_loss"])
+    for name in ("source:alpaca", "source:chat"):
+        assert rows[name]["loss_delta"] == pytest.approx(
+            metrics_b["slices"][name]["loss"] - metrics_a["slices"][name]["loss"])
+    assert ["train.lora.dropout", "0.1", "0.0"] in compared["config_differences"]
+    assert "not causes" in compared["note"]
+
+    missing = cli.invoke(app, ["runs", "show", "nope", "-c", config])
+    assert missing.exit_code != 0 and "No run matches 'nope'" in (missing.output + str(missing.exception))
