@@ -29,6 +29,10 @@ class CatalogModel(_Strict):
     lora_targets: list[str] = Field(min_length=1)
 
 
+class ArchitectureLora(_Strict):
+    modules: list[str] = Field(min_length=1)
+
+
 class PresetPrepare(_Strict):
     max_length: int = Field(ge=16)
     val_fraction: float = Field(ge=0, lt=1)
@@ -73,6 +77,23 @@ def models() -> dict[str, CatalogModel]:
 @cache
 def presets() -> dict[str, Preset]:
     return _load("presets.yaml", Preset)
+
+
+@cache
+def lora_targets() -> dict[str, ArchitectureLora]:
+    return _load("lora_targets.yaml", ArchitectureLora)
+
+
+def lora_targets_for(model_dir: Path) -> tuple[list[str] | None, str]:
+    """The default LoRA modules for a local model's architecture (config.json `model_type`), or None."""
+    import json
+
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "?")
+    except (OSError, ValueError):
+        model_type = "?"
+    entry = lora_targets().get(model_type)
+    return (list(entry.modules) if entry else None), model_type
 
 
 def preset(name: str) -> Preset:

@@ -57,9 +57,14 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
         entry, hardware, preset.prepare.max_length, preset.train.effective_batch, dtype
     )
     reasons.append(why)
-    targets = entry.lora_targets if entry else DEFAULT_LORA_TARGETS
-    if entry is None:
-        reasons.append(f"Local model: LoRA on {', '.join(targets)} (the attention projections).")
+    if entry is not None:
+        targets = entry.lora_targets
+    else:
+        known, model_type = catalog.lora_targets_for(Path(source.path))
+        targets = known or DEFAULT_LORA_TARGETS
+        reasons.append(f"Local {model_type} model: LoRA on {', '.join(targets)} "
+                       + ("(plans/lora_targets.yaml)." if known else
+                          "(not in plans/lora_targets.yaml: the usual attention names; check them)."))
 
     return Plan(
         forge_version=__version__,

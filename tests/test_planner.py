@@ -62,3 +62,18 @@ def test_globs_are_kept_as_patterns_and_must_match(tmp_path):
     assert [(i.path, i.format) for i in plan.data.inputs] == [("*.jsonl", "alpaca")]
     with pytest.raises(DataError, match="No files match"):
         build_plan("smoke", "smollm2-135m-instruct", [str(tmp_path / "*.csv")], detect(Table(problem="x")), tmp_path)
+
+
+@pytest.mark.parametrize("model_type, expected", [("gpt2", ["c_attn", "c_proj"]),
+                                                  ("phi3", ["qkv_proj", "o_proj"]),
+                                                  ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                                  ("brand-new", ["q_proj", "k_proj", "v_proj", "o_proj"])])
+def test_local_models_get_lora_targets_for_their_architecture(tmp_path, model_type, expected):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    plan = build_plan("smoke", str(model), DATA, detect(Table(problem="no GPU")), tmp_path)
+    assert plan.train.lora.target_modules == expected
+    assert any(model_type in reason and "LoRA on" in reason for reason in plan.reasons)
+    if model_type == "brand-new":
+        assert any("check them" in reason for reason in plan.reasons)
