@@ -251,3 +251,30 @@ def test_runs_list_show_and_compare(prepared, model_cache, uninterrupted, tmp_pa
 
     missing = cli.invoke(app, ["runs", "show", "nope", "-c", config])
     assert missing.exit_code != 0 and "No run matches 'nope'" in (missing.output + str(missing.exception))
+
+
+def test_report_to_tensorboard_gets_the_same_metrics(prepared, model_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    job, run_dir = _job(prepared, "tensorboard", model_cache, report_to=["tensorboard"], max_steps=3)
+    _run(job)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    losses = [scalar.value for scalar in events.Scalars("train/loss")]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [scalar.step for scalar in events.Scalars("train/loss")] == [1, 2, 3]
+    assert losses == pytest.approx(_losses(metrics), rel=1e-6)
+    assert events.Scalars("eval/val_loss")[0].value == pytest.approx(metrics["val_loss"], rel=1e-6)
+
+
+def test_report_to_a_missing_integration_is_a_clear_error(prepared, model_cache):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    job, _ = _job(prepared, "wandb", model_cache, report_to=["wandb"])
+    process = subprocess.run([sys.executable, "-m", "forge.runner", "train", "--config", str(job / "forge.yaml")],
+                             capture_output=True, text=True)
+    errors = [json.loads(line) for line in process.stdout.splitlines() if '"kind":"error"' in line]
+    assert process.returncode == 2 and errors[0]["code"] == "config"
+    assert "wandb" in errors[0]["message"] and "pip install wandb" in errors[0]["hint"]
