@@ -123,12 +123,13 @@ def runs_compare(a: Annotated[str, typer.Argument(help="Run A (id or prefix).")]
 
     out = _out_dir(config)
     run_a, run_b = runs_.find(out, a), runs_.find(out, b)
-    rows, differences = runs_.compare(run_a, run_b), runs_.config_differences(run_a, run_b)
+    rows, gold = runs_.compare(run_a, run_b), runs_.compare_gold(run_a, run_b)
+    differences = runs_.config_differences(run_a, run_b)
     if as_json:
-        typer.echo(json.dumps({"a": run_a.id, "b": run_b.id, "slices": rows, "note": runs_.CORRELATION_NOTE,
-                               "config_differences": [list(d) for d in differences]}))
+        typer.echo(json.dumps({"a": run_a.id, "b": run_b.id, "slices": rows, "gold": gold,
+                               "note": runs_.CORRELATION_NOTE, "config_differences": [list(d) for d in differences]}))
     else:
-        comparison(run_a, run_b, rows, differences, runs_.CORRELATION_NOTE)
+        comparison(run_a, run_b, rows, gold, differences, runs_.CORRELATION_NOTE)
 
 
 def _out_dir(config: Path) -> Path:

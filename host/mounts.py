@@ -68,8 +68,17 @@ def build_mounts(plan: Plan, plan_dir: Path) -> Mounts:
         mounts.volumes[str(local)] = {"bind": paths.LOCAL_MODEL, "mode": "ro"}
         source = source.model_copy(update={"path": paths.LOCAL_MODEL})
 
+    train = plan.train
+    if train.eval.gold:
+        gold = (plan_dir / Path(train.eval.gold).expanduser()).resolve()
+        if not gold.is_file():
+            raise DataError(f"Gold set not found: {gold} (forge.yaml train.eval.gold).",
+                            "Fix the path (relative to forge.yaml) or remove train.eval.gold.")
+        mounts.volumes[str(gold.parent)] = {"bind": paths.GOLD_ROOT, "mode": "ro"}
+        train = train.model_copy(update={"eval": train.eval.model_copy(update={"gold": f"{paths.GOLD_ROOT}/{gold.name}"})})
     mounts.plan = plan.model_copy(
         update={
+            "train": train,
             "data": plan.data.model_copy(update={"inputs": inputs}),
             "output": plan.output.model_copy(update={"dir": paths.OUTPUT_ROOT, "model_cache": paths.MODEL_CACHE}),
             "model": plan.model.model_copy(update={"source": source}),

@@ -167,6 +167,13 @@ def run_details(run) -> None:
         for name, s in m["slices"].items():
             table.add_row(name, str(s["rows"]), _maybe(s["loss"]), _maybe(s["perplexity"]))
         out_console.print(table)
+    if m.get("gold"):
+        table = Table(title="gold set", title_justify="left")
+        for name in ("slice", "rows", "exact match", "format compliance"):
+            table.add_column(name)
+        for name, g in {"all": m["gold"], **m["gold"]["slices"]}.items():
+            table.add_row(name, str(g["rows"]), _maybe(g["exact_match"]), _maybe(g["format_compliance"]))
+        out_console.print(table)
     if m.get("hardest"):
         table = Table(title="hardest validation rows", title_justify="left")
         for name in ("id", "loss", "tags"):
@@ -176,7 +183,7 @@ def run_details(run) -> None:
         out_console.print(table)
 
 
-def comparison(a, b, rows: list[dict], differences: list[tuple[str, str, str]], note: str) -> None:
+def comparison(a, b, rows: list[dict], gold: list[dict], differences: list[tuple[str, str, str]], note: str) -> None:
     table = Table(title=f"B - A   (A = {a.id}, B = {b.id})", title_justify="left")
     for name in ("slice", "rows A/B", "loss A", "loss B", "Δ loss", "Δ perplexity"):
         table.add_column(name)
@@ -187,6 +194,14 @@ def comparison(a, b, rows: list[dict], differences: list[tuple[str, str, str]], 
                       _maybe(row["loss_b"]), f"[{style}]{_maybe(delta)}[/{style}]" if style else _maybe(delta),
                       _maybe(row["perplexity_delta"]))
     out_console.print(table)
+    if gold:
+        table = Table(title="gold set, B - A", title_justify="left")
+        for name in ("slice", "exact A", "exact B", "Δ exact", "format A", "format B", "Δ format"):
+            table.add_column(name)
+        for row in gold:
+            table.add_row(row["slice"], *(_maybe(row[f"{key}_{side}"]) for key in ("exact_match", "format_compliance")
+                                          for side in ("a", "b", "delta")))
+        out_console.print(table)
     if differences:
         settings = Table(title="settings that differ", title_justify="left")
         for name in ("setting", "A", "B"):

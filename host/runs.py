@@ -73,6 +73,27 @@ def compare(a: Run, b: Run) -> list[dict]:
     return rows
 
 
+def compare_gold(a: Run, b: Run) -> list[dict]:
+    """Gold-set exact match and format compliance per slice ("all" first), B - A; empty without gold sets."""
+    left, right = (run.metrics.get("gold") for run in (a, b))
+    if not left and not right:
+        return []
+
+    def slices(gold: dict | None) -> dict[str, dict]:
+        return {"all": gold, **gold.get("slices", {})} if gold else {}
+
+    x_all, y_all = slices(left), slices(right)
+    rows = []
+    for name in [*x_all, *(n for n in y_all if n not in x_all)]:
+        x, y = x_all.get(name, {}), y_all.get(name, {})
+        row = {"slice": name}
+        for key in ("exact_match", "format_compliance"):
+            row[f"{key}_a"], row[f"{key}_b"] = x.get(key), y.get(key)
+            row[f"{key}_delta"] = (y[key] - x[key]) if key in x and key in y else None
+        rows.append(row)
+    return rows
+
+
 def config_differences(a: Run, b: Run) -> list[tuple[str, str, str]]:
     """Settings that differ between the two runs' resolved configs (dotted keys)."""
     import yaml

@@ -22,6 +22,8 @@ from forge.runner import checkpoint, models, run_record, stop
 from forge.runner.batches import RowStream, collate, learned_tokens, micro_batches, steps_per_epoch
 from forge.runner.emit import also_write_to, emit, log, stage
 from forge.runner.evaluate import evaluate
+from forge.runner.gold import evaluate_gold, read_gold
+from forge.runner.prepare.tokenize import chat_template_for
 from forge.runner.report import Reporters
 from forge.runner.hashing import sha256_json
 from forge.runner.prepare.pipeline import dataset_dir
@@ -51,6 +53,7 @@ def train(plan: Plan) -> None:
     atomic_write_text(run_dir / "config.yaml", dump_plan(plan))
     environment = run_record.write_environment(run_dir, plan, dataset)
 
+    gold = read_gold(Path(plan.train.eval.gold)) if plan.train.eval.gold else None  # bad rows fail before training
     torch.manual_seed(plan.train.seed)
     model, tokenizer = _setup_model(plan, model_dir)
     stream = RowStream(_read_split(dataset, "train"), plan.train.seed)
@@ -73,8 +76,8 @@ def train(plan: Plan) -> None:
     with Reporters(plan.train.report_to, run_dir, plan) as reporters:
         _loop(plan, model, stream, tokenizer.pad_token_id, optimizer, scheduler, state, total_steps, run_dir,
               reporters)
-        metrics = _finish(plan, model, dataset, run_dir, state, total_steps, resumed_from, tokenizer.pad_token_id,
-                          environment)
+        metrics = _finish(plan, model, tokenizer, model_dir, dataset, run_dir, state, total_steps, resumed_from,
+                          environment, gold)
         reporters.log({f"eval/{key}": value for key, value in metrics.items() if isinstance(value, float)},
                       state.step)
     _result(run_dir, metrics)
@@ -276,11 +279,15 @@ def peak_memory() -> dict[str, float]:
     return {"rss_mb": float(peak_rss_mb())}
 
 
-def _finish(plan, model, dataset: Path, run_dir: Path, state, total_steps: int, resumed_from: int, pad_id: int,
-            environment: dict) -> dict:
+def _finish(plan, model, tokenizer, model_dir: Path, dataset: Path, run_dir: Path, state, total_steps: int,
+            resumed_from: int, environment: dict, gold: list | None) -> dict:
     val_rows = _read_split(dataset, "val")
-    report = (evaluate(model, val_rows, pad_id, state.micro_batch_size, plan.train.eval_hardest) if val_rows
-              else {"val_loss": None, "perplexity": None, "slices": {}, "hardest": []})
+    report = (evaluate(model, val_rows, tokenizer.pad_token_id, state.micro_batch_size, plan.train.eval.hardest)
+              if val_rows else {"val_loss": None, "perplexity": None, "slices": {}, "hardest": []})
+    if gold:
+        template = chat_template_for(plan.model.chat_template, model_dir)
+        report["gold"] = evaluate_gold(model, tokenizer, template, gold, plan.train.eval,
+                                       run_dir / "gold_predictions.jsonl")
     tmp = run_dir / f".adapter.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

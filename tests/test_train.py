@@ -278,3 +278,37 @@ def test_report_to_a_missing_integration_is_a_clear_error(prepared, model_cache)
     errors = [json.loads(line) for line in process.stdout.splitlines() if '"kind":"error"' in line]
     assert process.returncode == 2 and errors[0]["code"] == "config"
     assert "wandb" in errors[0]["message"] and "pip install wandb" in errors[0]["hint"]
+
+
+def test_gold_set_is_answered_scored_and_sliced_after_training(prepared, model_cache, tmp_path):
+    from forge.contract.plan import EvalSpec
+
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Add the two numbers.", "input": "25 and 17", "output": "25 + 17 = 42.",
+         "tags": {"skill": "math"}},
+        {"instruction": "Give a synonym for the word.", "input": "end", "output": "finish", "tags": {"skill": "words"}},
+        {"instruction": "Reply with a JSON object with the key colour.", "output": '{"colour": "red"}',
+         "tags": {"skill": "format"}},
+    ]) + "\n")
+    job, run_dir = _job(prepared, "gold", model_cache, max_steps=2,
+                        eval=EvalSpec(gold=str(gold), max_new_tokens=12))
+    _run(job)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["gold"]
+    predictions = [json.loads(line) for line in (run_dir / "gold_predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in predictions] == ["gold.jsonl:1", "gold.jsonl:2", "gold.jsonl:3"]
+    assert all(p["output"].strip() for p in predictions), "the model generated nothing"
+    assert metrics["rows"] == 3
+    assert metrics["exact_match"] == sum(p["exact_match"] for p in predictions) / 3
+    assert metrics["format_compliance"] == sum(p["well_formed"] for p in predictions) / 3
+    assert set(metrics["slices"]) == {"skill:math", "skill:words", "skill:format"}
+    format_row = predictions[2]
+    assert format_row["well_formed"] == (format_row["output"].strip().startswith("{") and
+                                         isinstance(_maybe_json(format_row["output"]), dict))
+
+
+def _maybe_json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -5,3 +5,4 @@ DATA_ROOT = "/data"
 OUTPUT_ROOT = "/out"
 MODEL_CACHE = "/models"
 LOCAL_MODEL = "/model"
+GOLD_ROOT = "/gold"  # train.eval.gold, read-only

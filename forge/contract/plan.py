@@ -6,6 +6,7 @@ being ignored. `forge schema` prints the JSON Schema generated from these models
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -168,6 +169,25 @@ class LoraSpec(Strict):
     target_modules: list[str] = Field(min_length=1)
 
 
+class EvalSpec(Strict):
+    hardest: int = Field(10, ge=0, description="Validation rows with the highest loss listed in metrics.json")
+    gold: str | None = Field(None, description="A file of conversations (any input format) whose last assistant "
+                             "turn is the expected answer; relative to forge.yaml")
+    format: Literal["auto", "json", "number", "text"] = Field(
+        "auto", description="What a well-formed answer is; auto: JSON or a number when the gold answer is one")
+    format_regex: str | None = Field(None, description="A well-formed answer matches this regex (overrides format)")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per gold question")
+
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> EvalSpec:
+        if self.format_regex is not None:
+            try:
+                re.compile(self.format_regex)
+            except re.error as exc:
+                raise ValueError(f"train.eval.format_regex is not a valid regular expression: {exc}") from None
+        return self
+
+
 class TrainSpec(Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
@@ -186,7 +206,7 @@ class TrainSpec(Strict):
                                                           "(QLoRA with 4bit); CUDA only")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         [], description="Also send metrics here; the package must be installed in the image")
-    eval_hardest: int = Field(10, ge=0, description="Validation rows with the highest loss listed in metrics.json")
+    eval: EvalSpec = EvalSpec()
 
 
 class OutputSpec(Strict):
