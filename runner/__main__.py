@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from forge.contract import paths
-from forge.errors import ForgeError
+from forge.errors import DataError, ForgeError
 from forge.runner import emit, stop
 
 
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except stop.Stopped:
         emit.log("Stopped on request; state saved. Rerun the same command to continue.", "warning")
         return stop.EXIT_RESUMABLE
+    except PermissionError as exc:  # an input the runner's user may not read: a setup problem, not a bug
+        emit.emit("error", code="data", message=f"Permission denied: {exc.filename}.",
+                  hint="The runner runs as your user (uid 1000 when forge runs as root): make the file readable "
+                       "to it and its directories searchable (e.g. chmod o+r FILE; chmod o+x DIR).")
+        return DataError.exit_code
     except ForgeError as exc:
         emit.emit("error", code=exc.code, message=exc.message, hint=exc.hint)
         return exc.exit_code

@@ -161,6 +161,13 @@ def test_train_killed_at_random_moments_matches_an_uninterrupted_run_then_export
     expected = json.loads(Path(result["paths"]["metrics"]).read_text())
 
     killed = _copy_job(job, "killed")
+    (killed / "gold").mkdir()
+    (killed / "gold" / "gold.jsonl").write_text(  # a gold set beside forge.yaml: mounted read-only, answered after training
+        json.dumps({"instruction": "Add the two numbers.", "input": "2 and 3", "output": "2 + 3 = 5."}) + "\n"
+        + json.dumps({"instruction": "Name a colour.", "output": "Red.", "tags": {"kind": "open"}}) + "\n")
+    config = yaml.safe_load((killed / "forge.yaml").read_text())
+    config["train"]["eval"] = {"gold": "gold/gold.jsonl", "max_new_tokens": 8}
+    (killed / "forge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     rng = random.Random(11)
     codes = []
     for attempt in range(3):
@@ -186,6 +193,7 @@ def test_train_killed_at_random_moments_matches_an_uninterrupted_run_then_export
     assert [h["loss"] for h in metrics["history"]] == pytest.approx([h["loss"] for h in expected["history"]],
                                                                     abs=1e-5)
     assert metrics["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-5)
+    assert metrics["gold"]["rows"] == 2 and set(metrics["gold"]["slices"]) == {"kind:open"}
     environment = json.loads((Path(result["paths"]["run_dir"]) / "environment.json").read_text())
     assert environment["image"].startswith("forge-runner:cpu-") and environment["image_id"].startswith("sha256:")
 
@@ -196,6 +204,22 @@ def test_train_killed_at_random_moments_matches_an_uninterrupted_run_then_export
                             capture_output=True, text=True)
     assert [(r["id"], r["finished"], r["steps"]) for r in json.loads(listed.stdout)] == [
         (Path(result["paths"]["run_dir"]).name, True, TOTAL_STEPS)]
+
+
+def test_an_input_the_runner_cannot_read_is_a_clear_error(job, prepared):
+    """As root, forge runs the container as uid 1000: a gold set in a private directory is unreadable there,
+    which must say what and how to fix it, not print a traceback."""
+    if os.getuid() != 0:
+        pytest.skip("the runner runs as the invoking user, who can read their own files")
+    private = _copy_job(job, "private")
+    (private / "secret").mkdir(mode=0o700)
+    (private / "secret" / "gold.jsonl").write_text(json.dumps({"instruction": "Hi", "output": "Hello."}) + "\n")
+    config = yaml.safe_load((private / "forge.yaml").read_text())
+    config["train"]["eval"] = {"gold": "secret/gold.jsonl"}
+    (private / "forge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    code, result, err = finish(forge("train", "--json", cwd=private))
+    assert code == 3 and result["error"]["code"] == "data", err
+    assert "Permission denied: /gold/gold.jsonl" in result["error"]["message"] and "chmod" in result["error"]["hint"]
 
 
 def _assert_locked_down(container) -> None:
