@@ -25,8 +25,15 @@ class CatalogModel(_Strict):
     hidden: int = Field(ge=1)
     heads: int = Field(ge=1)
     kv_heads: int = Field(ge=1)
+    head_dim: int | None = Field(None, ge=1, description="When it is not hidden / heads")
+    intermediate: int = Field(ge=1, description="MLP width")
     vocab: int = Field(ge=1)
+    tied_embeddings: bool = True
     lora_targets: list[str] = Field(min_length=1)
+
+    @property
+    def attention_dim(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
 
 class ArchitectureLora(_Strict):
@@ -122,3 +129,29 @@ def resolve_model(name_or_path: str) -> tuple[str, CatalogModel | None, ModelSou
         f"Unknown model {name_or_path!r}: not in the catalog and not a local directory.",
         f"Use one of: {', '.join(models())} (plans/models.yaml), or a path to a local model directory.",
     )
+
+
+def shape_of(entry: CatalogModel | None, source: ModelSource):
+    """The architecture numbers the memory planner needs: from the catalog, else from a local config.json
+    (parameters counted from the shapes), else None."""
+    import json
+
+    from forge.host.memory import Shape
+
+    if entry is not None:
+        return Shape.of(entry)
+    if source.kind != "local":
+        return None
+    try:
+        config = json.loads((Path(source.path) / "config.json").read_text())
+        config = config.get("text_config", config)  # multimodal wrappers keep the language model's here
+        hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        intermediate, vocab = config.get("intermediate_size") or 4 * hidden, config["vocab_size"]
+        tied = bool(config.get("tie_word_embeddings", True))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    attention = hidden * heads * head_dim * 2 + 2 * hidden * kv_heads * head_dim
+    params = vocab * hidden * (1 if tied else 2) + layers * (attention + 3 * hidden * intermediate)
+    return Shape(params, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied)

@@ -38,17 +38,24 @@ def plan(
     model: Annotated[str, typer.Option("--model", "-m", help="Catalog name (plans/models.yaml) or a local Hugging Face model directory.")] = "smollm2-135m-instruct",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("forge.yaml"),
     cpu: Annotated[bool, typer.Option("--cpu", help="Plan for the CPU image even when a GPU is present.")] = False,
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="GPU to use, by index or UUID (a MIG slice by its UUID). Repeat for several; default: every GPU of the first usable family.")] = None,
+    quantization: Annotated[str, typer.Option("--quantization", "-q", help="auto (4-bit only when 16-bit weights do not fit), none, 8bit or 4bit (QLoRA).")] = "auto",
+    explain_: Annotated[bool, typer.Option("--explain", help="Also print the memory breakdown behind the batch sizes.")] = False,
 ) -> None:
     """Detect this machine, resolve the model, size batches to the memory found, and write forge.yaml."""
     from forge.contract.plan_io import write_plan
     from forge.host.detect import NvmlProvider, detect
-    from forge.host.planner import build_plan
-    from forge.host.render import plan_summary
+    from forge.host.planner import build_plan, explain
+    from forge.host.render import memory_breakdown, plan_summary
 
-    hardware = detect(_NoGpu() if cpu else NvmlProvider())
-    built = build_plan(goal, model, data, hardware, out.resolve().parent, fmt)
+    if quantization not in ("auto", "none", "8bit", "4bit"):
+        raise typer.BadParameter("use auto, none, 8bit or 4bit", param_hint="--quantization")
+    hardware = detect(_NoGpu() if cpu else NvmlProvider(), select=gpu)
+    built = build_plan(goal, model, data, hardware, out.resolve().parent, fmt, quantization)
     write_plan(built, out)
     plan_summary(built, str(out))
+    if explain_:
+        memory_breakdown(*explain(built))
 
 
 @app.command()

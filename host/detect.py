@@ -11,7 +11,9 @@ from typing import Protocol
 
 import psutil
 
+from forge.contract import compat
 from forge.contract.plan import Arch, Gpu, Hardware
+from forge.errors import HardwareError
 
 MIB = 1024 * 1024
 
@@ -44,7 +46,7 @@ class NvmlProvider:
             return GpuReport(problem=f"no NVIDIA driver found (NVML: {exc})")
         try:
             cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-            gpus = [self._gpu(pynvml, index) for index in range(pynvml.nvmlDeviceGetCount())]
+            gpus = [gpu for index in range(pynvml.nvmlDeviceGetCount()) for gpu in self._gpus(pynvml, index)]
             return GpuReport(
                 gpus=gpus,
                 driver_version=_text(pynvml.nvmlSystemGetDriverVersion()),
@@ -54,24 +56,36 @@ class NvmlProvider:
         finally:
             pynvml.nvmlShutdown()
 
-    @staticmethod
-    def _gpu(pynvml, index: int) -> Gpu:
+    def _gpus(self, pynvml, index: int) -> list[Gpu]:
+        """A GPU, or its MIG slices when MIG is on: each slice is a device of its own (its UUID is what Docker's
+        device request takes), with its share of the memory and the parent's compute capability."""
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         try:
             mig = pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
         except pynvml.NVMLError:
             mig = False
-        return Gpu(
-            index=index,
-            uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
-            name=_text(pynvml.nvmlDeviceGetName(handle)),
-            compute_capability=f"{major}.{minor}",
-            memory_total_mib=memory.total // MIB,
-            memory_free_mib=memory.free // MIB,
-            mig=mig,
-        )
+        handles = [handle]
+        if mig:
+            handles = []
+            for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+                try:
+                    handles.append(pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot))
+                except pynvml.NVMLError:  # an empty slot
+                    continue
+        gpus = []
+        for device in handles:
+            memory = pynvml.nvmlDeviceGetMemoryInfo(device)
+            gpus.append(Gpu(
+                index=index,
+                uuid=_text(pynvml.nvmlDeviceGetUUID(device)),
+                name=_text(pynvml.nvmlDeviceGetName(device)),
+                compute_capability=f"{major}.{minor}",
+                memory_total_mib=memory.total // MIB,
+                memory_free_mib=memory.free // MIB,
+                mig=mig,
+            ))
+        return gpus
 
 
 def _text(value: str | bytes) -> str:
@@ -80,20 +94,22 @@ def _text(value: str | bytes) -> str:
 
 def arch_for(compute_capability: str) -> Arch | None:
     """The Forge image family for a compute capability, or None when no image covers it."""
+    return compat.arch_for(compute_capability)
+
+
+def arm64_only(compute_capability: str) -> str | None:
+    """The integrated (Jetson / DRIVE) parts with their own compute capabilities: arm64 boards only."""
     major, minor = (int(part) for part in compute_capability.split("."))
-    if major == 8 and minor in (0, 6):
-        return "ampere"
-    if major == 8 and minor == 9:
-        return "ada"
-    if major == 9:
-        return "hopper"
-    if major in (10, 12):
-        return "blackwell"
+    if (major, minor) in ((7, 2), (8, 7)):
+        return "a Jetson (Xavier/Orin) module"
+    if major == 11:
+        return "a Jetson/DRIVE Thor module"
     return None
 
 
-def detect(provider: GpuProvider | None = None) -> Hardware:
-    """The machine as the planner sees it. GPUs no image covers lead to a CPU plan, with the reason."""
+def detect(provider: GpuProvider | None = None, select: list[str] | None = None) -> Hardware:
+    """The machine as the planner sees it. `select` picks GPUs by index or UUID (MIG slices by their UUID).
+    GPUs no image covers lead to a CPU plan, with the reason; arm64-only parts are an error."""
     report = (provider or NvmlProvider()).report()
     memory = psutil.virtual_memory()
     common = dict(
@@ -103,10 +119,19 @@ def detect(provider: GpuProvider | None = None) -> Hardware:
         driver_version=report.driver_version,
         cuda_driver_version=report.cuda_driver_version,
     )
-    usable = [gpu for gpu in report.gpus if arch_for(gpu.compute_capability)]
+    gpus = _selected(report.gpus, select) if select else report.gpus
+    usable = [gpu for gpu in gpus if arch_for(gpu.compute_capability)]
     if not usable:
+        boards = [(gpu, kind) for gpu in gpus if (kind := arm64_only(gpu.compute_capability))]
+        if boards:
+            gpu, kind = boards[0]
+            raise HardwareError(
+                f"{gpu.name} (compute capability {gpu.compute_capability}) is {kind}: an arm64 system, and Forge's "
+                "images are built for x86_64 GPUs (compute capability 8.0, 8.6, 8.9, 9.0, 10.x, 12.x).",
+                "Run Forge on an x86_64 machine with such a GPU, or plan for the CPU image with --cpu on an "
+                "x86_64 host.")
         note = report.problem or "no GPU with compute capability 8.0 or newer (" + ", ".join(
-            f"{gpu.name} is {gpu.compute_capability}" for gpu in report.gpus
+            f"{gpu.name} is {gpu.compute_capability}" for gpu in gpus
         ) + ")"
         return Hardware(accelerator="cpu", arch="cpu", note=f"CPU plan: {note}.", **common)
     arch = arch_for(usable[0].compute_capability)
@@ -115,6 +140,18 @@ def detect(provider: GpuProvider | None = None) -> Hardware:
         accelerator="cuda",
         arch=arch,
         gpus=same_arch,
-        note=f"{len(same_arch)}× {same_arch[0].name} (compute capability {same_arch[0].compute_capability}).",
+        note=f"{len(same_arch)}× {same_arch[0].name} (compute capability {same_arch[0].compute_capability}"
+             + (", MIG slice" if same_arch[0].mig else "") + ").",
         **common,
     )
+
+
+def _selected(gpus: list[Gpu], select: list[str]) -> list[Gpu]:
+    chosen = []
+    for wanted in select:
+        found = [gpu for gpu in gpus if (wanted.isdigit() and gpu.index == int(wanted)) or gpu.uuid == wanted]
+        if not found:
+            listed = "; ".join(f"{gpu.index}: {gpu.name} {gpu.uuid}" for gpu in gpus) or "none"
+            raise HardwareError(f"No GPU matches --gpu {wanted}.", f"Pick by index or UUID from: {listed}.")
+        chosen.extend(gpu for gpu in found if gpu not in chosen)
+    return chosen

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from forge import __version__
+from forge.contract import compat
 from forge.errors import ConfigError, EngineError, ImageError
 from forge.host.engine import client
 from forge.host.planner import image_name
@@ -34,6 +35,7 @@ class ImageInfo:
     size_mb: int
     source: str
     id: str = ""
+    capabilities: tuple[str, ...] = ()
 
 
 def find_context(start: Path | None = None) -> Path:
@@ -130,11 +132,13 @@ def _info(image) -> ImageInfo:
         size_mb=int(image.attrs.get("Size", 0) / 1e6),
         source=labels.get(f"{LABEL_PREFIX}.source", "?"),
         id=image.id or "",
+        capabilities=tuple(c for c in labels.get(f"{LABEL_PREFIX}.compute-capabilities", "").split(",") if c),
     )
 
 
-def check_image(tag: str, arch: str) -> ImageInfo:
-    """The image must exist and its labels must say it runs this plan's arch with this Forge version."""
+def check_image(tag: str, arch: str, hardware=None) -> ImageInfo:
+    """The image must exist, its labels must say it runs this plan's arch with this Forge version, and (for a
+    GPU plan) its compiled compute capabilities and CUDA version must suit the planned GPUs and driver."""
     from docker.errors import ImageNotFound
 
     try:
@@ -148,6 +152,12 @@ def check_image(tag: str, arch: str) -> ImageInfo:
             f"Forge {__version__}.",
             f"Rebuild it: `forge images build {arch}`.",
         )
+    if hardware is not None and hardware.accelerator == "cuda":
+        problem = compat.image_problem(info.arch, info.capabilities, info.cuda,
+                                       [(gpu.name, gpu.compute_capability) for gpu in hardware.gpus],
+                                       hardware.cuda_driver_version, __version__)
+        if problem:
+            raise ImageError(f"Image {tag} cannot run here: {problem[0]}", problem[1])
     host_source = installed_source_digest()
     if info.source != host_source:
         raise ImageError(

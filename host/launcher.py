@@ -49,7 +49,7 @@ def run_step(
 ) -> Outcome:
     plan_dir = plan_path.resolve().parent
     mounts = build_mounts(plan, plan_dir)
-    image = check_image(plan.image.name, plan.image.arch)
+    image = check_image(plan.image.name, plan.image.arch, plan.hardware)
     job_file = output_dir(plan, plan_dir) / ".jobs" / f"{step}-forge.yaml"
     atomic_write_text(job_file, dump_plan(mounts.plan))
     job_file.chmod(0o644)

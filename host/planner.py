@@ -1,13 +1,15 @@
 """Turn a goal, a model, data and the detected hardware into a Plan, recording why at each choice.
 
-The memory estimate here is deliberately simple (weights + LoRA optimizer state + activations per
-sequence); it is what sizes the micro-batch so the effective batch from the preset is reached with
-gradient accumulation.
+Memory decides: precision (bf16 on every Forge GPU), quantization (4-bit when 16-bit weights do not fit),
+gradient checkpointing (when a micro-batch of a few sequences does not fit without it), and the largest
+power-of-two micro-batch under the headroom, with gradient accumulation for the preset's effective batch.
+The estimate is `memory.estimate`; `forge plan --explain` prints its breakdown.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from forge import __version__
@@ -24,7 +26,9 @@ from forge.contract.plan import (
     SplitSpec,
     TrainSpec,
 )
+from forge.errors import ConfigError, HardwareError
 from forge.host import catalog
+from forge.host.memory import Breakdown, Shape, estimate
 from forge.host.mounts import expand
 
 GIB = 1024**3
@@ -37,7 +41,8 @@ def image_name(arch: str) -> str:
     return f"forge-runner:{arch}-{__version__}"
 
 
-def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_dir: Path, fmt: str = "auto") -> Plan:
+def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_dir: Path, fmt: str = "auto",
+               quantization: str = "auto") -> Plan:
     preset = catalog.preset(goal)
     name, entry, source = catalog.resolve_model(model)
     reasons = [hardware.note]
@@ -53,10 +58,6 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
         if dtype == "bfloat16"
         else "float32 on CPU: bf16 matmuls are slow or missing on most CPUs."
     )
-    micro, accumulation, why = size_batches(
-        entry, hardware, preset.prepare.max_length, preset.train.effective_batch, dtype
-    )
-    reasons.append(why)
     if entry is not None:
         targets = entry.lora_targets
     else:
@@ -65,6 +66,10 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
         reasons.append(f"Local {model_type} model: LoRA on {', '.join(targets)} "
                        + ("(plans/lora_targets.yaml)." if known else
                           "(not in plans/lora_targets.yaml: the usual attention names; check them)."))
+    shape = catalog.shape_of(entry, source)
+    sizing = size_batches(shape, hardware, preset.prepare.max_length, preset.train.effective_batch, dtype,
+                          targets, preset.lora.r, quantization)
+    reasons.extend(sizing.reasons)
 
     return Plan(
         forge_version=__version__,
@@ -81,8 +86,10 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
         train=TrainSpec(
             epochs=preset.train.epochs,
             max_steps=preset.train.max_steps,
-            micro_batch_size=micro,
-            gradient_accumulation=accumulation,
+            micro_batch_size=sizing.micro,
+            gradient_accumulation=sizing.accumulation,
+            quantization=sizing.quantization,
+            gradient_checkpointing=sizing.checkpointing,
             learning_rate=preset.train.learning_rate,
             warmup_steps=preset.train.warmup_steps,
             save_every=preset.train.save_every,
@@ -103,27 +110,94 @@ def shard_rows(hardware: Hardware, max_length: int) -> int:
     return int(max(1000, min(50000, budget // per_row)) // 1000 * 1000)
 
 
-def size_batches(entry, hardware: Hardware, seq_len: int, effective: int, dtype: str) -> tuple[int, int, str]:
-    """The largest power-of-two micro-batch that fits under the headroom, then accumulation for the rest."""
-    if entry is None:
-        return 1, effective, f"Unknown architecture: micro-batch 1 × {effective} accumulation steps (safe default)."
-    dtype_bytes = 4 if dtype == "float32" else 2
+@dataclass(frozen=True)
+class Sizing:
+    micro: int
+    accumulation: int
+    quantization: str
+    checkpointing: bool
+    budget: float  # bytes the estimate must stay under
+    breakdown: Breakdown | None  # of the chosen settings; None when the architecture is unknown
+    reasons: list[str]
+
+
+def memory_budget(hardware: Hardware) -> tuple[float, str]:
     if hardware.accelerator == "cuda":
         budget = min(gpu.memory_free_mib for gpu in hardware.gpus) * 1024**2 * HEADROOM
-        where = f"{budget / GIB:.1f} GiB of GPU memory ({HEADROOM:.0%} of free)"
-    else:
-        budget = hardware.ram_available_mib * 1024**2 * HEADROOM / 2  # leave half for the data pipeline
-        where = f"{budget / GIB:.1f} GiB of RAM (half of {HEADROOM:.0%} of available)"
-    fixed = entry.params_m * 1e6 * dtype_bytes * 1.2  # weights, plus LoRA params/grads/Adam and allocator slack
-    per_sequence = entry.layers * seq_len * entry.hidden * dtype_bytes * 24 + seq_len * entry.vocab * 4 * 2
-    fits = max(1, int((budget - fixed) // per_sequence))
+        return budget, f"{budget / GIB:.1f} GiB of GPU memory ({HEADROOM:.0%} of free)"
+    budget = hardware.ram_available_mib * 1024**2 * HEADROOM / 2  # leave half for the data pipeline
+    return budget, f"{budget / GIB:.1f} GiB of RAM (half of {HEADROOM:.0%} of available)"
+
+
+def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effective: int, dtype: str,
+                 targets: list[str], rank: int, quantization: str = "auto") -> Sizing:
+    """Quantization, checkpointing and the largest power-of-two micro-batch whose estimate fits the budget."""
+    cuda = hardware.accelerator == "cuda"
+    if quantization not in ("auto", "none") and not cuda:
+        raise ConfigError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); this plan is for the CPU.",
+                          "Use --quantization none (or auto) for CPU plans.")
+    if shape is None:
+        return Sizing(1, effective, "none" if quantization == "auto" else quantization, False, 0.0, None,
+                      [f"Unknown architecture: micro-batch 1 × {effective} accumulation steps (safe default)."])
+    budget, where = memory_budget(hardware)
+
+    def peak(quant: str, micro: int, checkpointing: bool) -> Breakdown:
+        return estimate(shape, dtype=dtype, quantization=quant, targets=targets, rank=rank, seq_len=seq_len,
+                        micro_batch=micro, checkpointing=checkpointing, accelerator=hardware.accelerator)
+
+    reasons = []
+    if quantization == "auto":
+        quantization = "none"
+        if cuda and peak("none", 1, True).total > budget:
+            quantization = "4bit"
+            reasons.append(f"4-bit QLoRA: 16-bit weights need {peak('none', 1, True).total / GIB:.1f} GiB at one "
+                           f"sequence with checkpointing, over {where}.")
+    if peak(quantization, 1, True).total > budget:
+        raise HardwareError(
+            f"{quantization if quantization != 'none' else '16-bit'} training needs "
+            f"{peak(quantization, 1, True).total / GIB:.1f} GiB at one {seq_len}-token sequence with gradient "
+            f"checkpointing; {where} is available.",
+            "Pick a smaller model, lower prepare.max_length (e.g. --goal with a shorter preset), use "
+            "--quantization 4bit on a GPU, or free GPU memory.")
+    limit = min(effective, MAX_MICRO_BATCH)
+    checkpointing = peak(quantization, min(4, limit), False).total > budget
     micro = 1
-    while micro * 2 <= min(fits, effective, MAX_MICRO_BATCH):
+    while micro * 2 <= limit and peak(quantization, micro * 2, checkpointing).total <= budget:
         micro *= 2
     accumulation = max(1, -(-effective // micro))
-    why = (
-        f"Micro-batch {micro} × {accumulation} accumulation = {micro * accumulation} sequences per step: "
-        f"~{fixed / GIB:.2f} GiB fixed + ~{per_sequence / GIB:.3f} GiB per {seq_len}-token sequence fits "
-        f"{fits} in {where}."
+    chosen = peak(quantization, micro, checkpointing)
+    reasons.append(
+        f"Micro-batch {micro} × {accumulation} accumulation = {micro * accumulation} sequences per step: an "
+        f"estimated {chosen.total / GIB:.2f} GiB peak at {seq_len} tokens fits {where}"
+        + (" with gradient checkpointing (without it a few sequences would not)." if checkpointing else ".")
+        + " `forge plan --explain` shows the breakdown."
     )
-    return micro, accumulation, why
+    return Sizing(micro, accumulation, quantization, checkpointing, budget, chosen, reasons)
+
+
+def explain(plan: Plan) -> tuple[list[tuple[str, Breakdown]], float, str]:
+    """The planned run's memory breakdown next to the alternatives the planner weighed, and the budget."""
+    name, entry, source = catalog.resolve_model(plan.model.name if plan.model.source.kind != "local"
+                                                else plan.model.source.path)
+    shape = catalog.shape_of(entry, source)
+    budget, where = memory_budget(plan.hardware)
+    if shape is None:
+        return [], budget, where
+    t = plan.train
+
+    def peak(quantization: str, micro: int, checkpointing: bool) -> Breakdown:
+        return estimate(shape, dtype=t.dtype, quantization=quantization, targets=t.lora.target_modules,
+                        rank=t.lora.r, seq_len=plan.prepare.max_length, micro_batch=micro,
+                        checkpointing=checkpointing, accelerator=plan.hardware.accelerator)
+
+    label = f"planned: {t.quantization if t.quantization != 'none' else t.dtype}, micro {t.micro_batch_size}" + (
+        ", checkpointing" if t.gradient_checkpointing else "")
+    columns = [(label, peak(t.quantization, t.micro_batch_size, t.gradient_checkpointing))]
+    if t.micro_batch_size * 2 <= t.micro_batch_size * t.gradient_accumulation:  # a larger micro-batch was an option
+        columns.append((f"micro {t.micro_batch_size * 2}" + (", checkpointing" if t.gradient_checkpointing else ""),
+                        peak(t.quantization, t.micro_batch_size * 2, t.gradient_checkpointing)))
+    if not t.gradient_checkpointing:
+        columns.append((f"micro {t.micro_batch_size}, checkpointing", peak(t.quantization, t.micro_batch_size, True)))
+    if t.quantization != "none":
+        columns.append((f"{t.dtype} weights, micro 1, checkpointing", peak("none", 1, True)))
+    return columns, budget, where

@@ -210,3 +210,23 @@ def comparison(a, b, rows: list[dict], gold: list[dict], differences: list[tuple
             settings.add_row(key, left, right)
         out_console.print(settings)
     out_console.print(note, style="italic")
+
+
+def memory_breakdown(columns: list, budget: float, where: str) -> None:
+    """The planner's estimate per component (GiB), the planned settings first, against the budget."""
+    from forge.host.memory import CALIBRATION_NOTE, GIB
+
+    if not columns:
+        out_console.print("No memory breakdown: the model's architecture is unknown (not in plans/models.yaml, "
+                          "no readable config.json).")
+        return
+    table = Table(title=f"estimated peak memory (GiB) against {where}", title_justify="left")
+    table.add_column("component")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    for index, (component, _) in enumerate(columns[0][1].rows()):
+        cells = [f"{breakdown.rows()[index][1] / GIB:.2f}" for _, breakdown in columns]
+        table.add_row(component, *cells, style="bold" if component == "total" else "")
+    table.add_row("fits?", *("yes" if b.total <= budget else "no" for _, b in columns))
+    out_console.print(table)
+    out_console.print(CALIBRATION_NOTE, style="dim")

@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from forge.contract.plan_io import load_plan
 
         plan = load_plan(args.config)
+        if args.step != "prepare":  # prepare runs on the CPU in every image
+            from forge.runner.selfcheck import check_gpu_image
+
+            check_gpu_image()
         if args.step == "prepare":
             from forge.runner.prepare.pipeline import prepare
 

@@ -135,9 +135,14 @@ def _peft_model(plan: Plan, model_dir: Path, cuda: bool):
                                    bnb_4bit_compute_dtype=dtype),
     }[spec.quantization]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization,
+                                                 attn_implementation=spec.attention,
                                                  **({"device_map": {"": 0}} if cuda else {}))
     if quantization is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through checkpoints
     lora = spec.lora
     missing = [name for name in lora.target_modules if not any(n.endswith(name) for n, _ in model.named_modules())]
     if missing:
@@ -161,7 +166,7 @@ def _unsloth_model(plan: Plan, model_dir: Path):
     lora = spec.lora
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_gradient_checkpointing="unsloth", random_state=spec.seed,
+        use_gradient_checkpointing="unsloth" if spec.gradient_checkpointing else False, random_state=spec.seed,
     )
     return model, tokenizer
 

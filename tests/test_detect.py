@@ -3,7 +3,8 @@
 import pytest
 
 from forge.contract.plan import Gpu
-from forge.host.detect import GpuReport, arch_for, detect
+from forge.errors import HardwareError
+from forge.host.detect import GpuReport, NvmlProvider, arch_for, detect
 
 # name, compute capability, memory (MiB): as NVML reports them for these parts.
 DEVICES = [
@@ -39,7 +40,7 @@ def test_each_real_device_maps_to_its_image_family(name, cc, memory, arch):
     assert name in hardware.note
 
 
-@pytest.mark.parametrize("cc", ["7.5", "7.0", "8.7", "11.0"])
+@pytest.mark.parametrize("cc", ["7.5", "7.0", "6.1"])
 def test_parts_without_an_image_fall_back_to_cpu_and_say_why(cc):
     assert arch_for(cc) is None
     hardware = detect(Table(("Some GPU", cc, 16000)))
@@ -66,3 +67,76 @@ def test_real_nvml_provider_on_this_machine():
 
     report = NvmlProvider().report()
     assert report.gpus or report.problem
+
+
+@pytest.mark.parametrize("name, cc", [("Orin (nvgpu)", "8.7"), ("NVIDIA Thor", "11.0"), ("Xavier", "7.2")])
+def test_arm64_only_parts_are_a_clear_error(name, cc):
+    with pytest.raises(HardwareError) as error:
+        detect(Table((name, cc, 30000)))
+    assert f"compute capability {cc}" in error.value.message and "arm64" in error.value.message
+
+
+def test_several_gpus_are_picked_by_index_or_uuid():
+    table = Table(*(device[:3] for device in DEVICES[5:7]), DEVICES[0][:3])  # H100, H200, A100
+    assert [g.name for g in detect(table).gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+    assert [g.index for g in detect(table, select=["1"]).gpus] == [1]
+    chosen = detect(table, select=["GPU-00000002"])
+    assert (chosen.arch, [g.name for g in chosen.gpus]) == ("ampere", ["NVIDIA A100-SXM4-80GB"])
+    with pytest.raises(HardwareError) as error:
+        detect(table, select=["7"])
+    assert "GPU-00000000" in error.value.hint
+
+
+class FakeNvml:
+    """pynvml's surface as NVML reports an A100 split in two MIG slices next to a whole H100 (the NVML boundary)."""
+
+    NVML_DEVICE_MIG_ENABLE = 1
+
+    class NVMLError(Exception):
+        pass
+
+    class _Memory:
+        def __init__(self, mib):
+            self.total, self.free = mib * 2**20, (mib - 100) * 2**20
+
+    devices = {0: ("NVIDIA A100-SXM4-40GB", (8, 0), 40960, True), 1: ("NVIDIA H100 80GB HBM3", (9, 0), 81559, False)}
+    slices = {0: [("MIG-aaaa", "NVIDIA A100-SXM4-40GB MIG 3g.20gb", 19968), None,
+                  ("MIG-bbbb", "NVIDIA A100-SXM4-40GB MIG 2g.10gb", 9984)]}
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlSystemGetCudaDriverVersion_v2(self): return 12080
+    def nvmlSystemGetDriverVersion(self): return b"570.86.10"
+    def nvmlDeviceGetCount(self): return len(self.devices)
+    def nvmlDeviceGetHandleByIndex(self, index): return ("gpu", index)
+    def nvmlDeviceGetCudaComputeCapability(self, handle): return self.devices[handle[1]][1]
+    def nvmlDeviceGetMigMode(self, handle): return (int(self.devices[handle[1]][3]), 0)
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle): return len(self.slices.get(handle[1], []))
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, slot):
+        if self.slices[handle[1]][slot] is None:
+            raise self.NVMLError("Not Found")
+        return ("mig", handle[1], slot)
+
+    def _info(self, handle):
+        if handle[0] == "gpu":
+            name, _, mib, _ = self.devices[handle[1]]
+            return f"GPU-{handle[1]}", name, mib
+        return self.slices[handle[1]][handle[2]]
+
+    def nvmlDeviceGetUUID(self, handle): return self._info(handle)[0]
+    def nvmlDeviceGetName(self, handle): return self._info(handle)[1]
+    def nvmlDeviceGetMemoryInfo(self, handle): return self._Memory(self._info(handle)[2])
+
+
+def test_nvml_reports_mig_slices_as_devices_with_their_own_uuid_and_memory(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    report = NvmlProvider().report()
+    assert [(g.uuid, g.memory_total_mib, g.mig, g.compute_capability) for g in report.gpus] == [
+        ("MIG-aaaa", 19968, True, "8.0"), ("MIG-bbbb", 9984, True, "8.0"), ("GPU-1", 81559, False, "9.0")]
+    assert (report.driver_version, report.cuda_driver_version) == ("570.86.10", "12.8")
+    hardware = detect(type("Fixed", (), {"report": lambda self: report})(), select=["MIG-bbbb"])
+    assert hardware.arch == "ampere" and [g.uuid for g in hardware.gpus] == ["MIG-bbbb"]
+    assert "MIG slice" in hardware.note

@@ -77,3 +77,91 @@ def test_local_models_get_lora_targets_for_their_architecture(tmp_path, model_ty
     assert any(model_type in reason and "LoRA on" in reason for reason in plan.reasons)
     if model_type == "brand-new":
         assert any("check them" in reason for reason in plan.reasons)
+
+
+GPUS = {name: device for device in DEVICES for name in [device[0]]}
+WAYFARER_BOXES = ["NVIDIA GeForce RTX 4090", "NVIDIA H100 80GB HBM3", "NVIDIA B200"]
+
+
+def _plan_on(gpu_name: str, model: str, quantization: str = "auto", goal: str = "sft"):
+    name, cc, memory, _ = GPUS[gpu_name]
+    return build_plan(goal, model, DATA, detect(Table((name, cc, memory))), Path("."), quantization=quantization)
+
+
+@pytest.mark.parametrize("gpu", WAYFARER_BOXES)
+def test_qlora_wayfarer_plans_the_largest_micro_batch_that_fits(gpu):
+    from forge.host.catalog import models
+    from forge.host.memory import Shape, estimate
+    from forge.host.planner import memory_budget
+
+    plan = _plan_on(gpu, "wayfarer-2-12b", "4bit")
+    t = plan.train
+    assert (t.quantization, t.dtype) == ("4bit", "bfloat16")
+    assert t.micro_batch_size * t.gradient_accumulation >= 16
+    budget, _ = memory_budget(plan.hardware)
+
+    def total(micro: int, checkpointing: bool) -> float:
+        return estimate(Shape.of(models()["wayfarer-2-12b"]), dtype="bfloat16", quantization="4bit",
+                        targets=t.lora.target_modules, rank=t.lora.r, seq_len=plan.prepare.max_length,
+                        micro_batch=micro, checkpointing=checkpointing, accelerator="cuda").total
+
+    assert total(t.micro_batch_size, t.gradient_checkpointing) <= budget
+    if t.micro_batch_size * 2 <= 16:
+        assert total(t.micro_batch_size * 2, t.gradient_checkpointing) > budget  # the largest that fits
+
+
+def test_more_memory_never_plans_a_smaller_qlora_micro_batch():
+    micro = [_plan_on(gpu, "wayfarer-2-12b", "4bit").train.micro_batch_size for gpu in WAYFARER_BOXES]
+    assert micro == sorted(micro) and micro[0] < micro[-1]
+
+
+def test_auto_quantization_picks_4bit_only_when_16_bit_weights_do_not_fit():
+    assert _plan_on("NVIDIA GeForce RTX 4090", "wayfarer-2-12b").train.quantization == "4bit"
+    assert _plan_on("NVIDIA H100 80GB HBM3", "wayfarer-2-12b").train.quantization == "none"
+    assert _plan_on("NVIDIA GeForce RTX 4090", "llama-3.2-1b-instruct").train.quantization == "none"
+
+
+def test_a_model_too_large_for_the_machine_is_a_clear_error():
+    from forge.errors import HardwareError
+
+    with pytest.raises(HardwareError) as error:
+        build_plan("sft", "wayfarer-2-12b", DATA, detect(Table(problem="no GPU")), Path("."))
+    assert "GiB" in error.value.message and "smaller model" in error.value.hint
+
+
+def test_the_catalogs_parameter_counts_follow_from_the_architecture_numbers():
+    """A typo in layers, widths or vocab shows up as a parameter count that no longer adds up."""
+    from forge.host.catalog import models
+
+    for name, m in models().items():
+        attention = m.hidden * m.heads * m.attention_dim * 2 + 2 * m.hidden * m.kv_heads * m.attention_dim
+        counted = m.vocab * m.hidden * (1 if m.tied_embeddings else 2) + m.layers * (attention + 3 * m.hidden * m.intermediate)
+        assert counted / 1e6 == pytest.approx(m.params_m, rel=0.01), name
+
+
+@pytest.mark.parametrize("gpu", WAYFARER_BOXES)
+def test_explain_reads_well_for_wayfarer_qlora(gpu, monkeypatch):
+    from forge.host.planner import explain
+    from forge.host.render import memory_breakdown, out_console
+
+    monkeypatch.setattr(out_console, "width", 200)
+    plan = _plan_on(gpu, "wayfarer-2-12b", "4bit")
+    with out_console.capture() as captured:
+        memory_breakdown(*explain(plan))
+    text = captured.get()
+    for row in ("weights", "LoRA params + grads + AdamW", "activations", "logits (fp32 loss)", "framework overhead",
+                "total", "fits?"):
+        assert row in text
+    assert f"planned: 4bit, micro {plan.train.micro_batch_size}" in text and "bfloat16 weights" in text
+    assert "GPU memory (90% of free)" in text
+
+
+def test_a_local_model_is_planned_from_its_config_json(tmp_path):
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 1024, "num_attention_heads": 16, '
+                                       '"num_key_value_heads": 4, "num_hidden_layers": 12, "intermediate_size": 2816, '
+                                       '"vocab_size": 32000, "tie_word_embeddings": false}')
+    plan = build_plan("sft", str(model), DATA, detect(Table(GPUS["NVIDIA L4"][:3])), tmp_path)
+    assert plan.train.micro_batch_size > 1
+    assert any("estimated" in reason and "GiB peak" in reason for reason in plan.reasons)

@@ -153,12 +153,18 @@ def _without_dropout(prepared, model_cache, name: str) -> tuple[Path, Path]:
     return _job(prepared, name, model_cache, lora=plan.train.lora.model_copy(update={"dropout": 0.0}))
 
 
-def test_out_of_memory_halves_the_micro_batch_keeps_the_effective_batch_and_resumes_with_it(prepared, model_cache):
-    """Without dropout (whose masks depend on the micro-batch shape), a step split four ways must give the
-    loss of the same step taken whole."""
+@pytest.fixture(scope="module")
+def whole(prepared, model_cache) -> dict:
+    """An uninterrupted run without dropout (whose masks depend on the micro-batch shape)."""
     job, run_dir = _without_dropout(prepared, model_cache, "whole")
     _run(job)
-    expected = json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_out_of_memory_halves_the_micro_batch_keeps_the_effective_batch_and_resumes_with_it(
+        prepared, model_cache, whole):
+    """A step split four ways must give the loss of the same step taken whole."""
+    expected = whole
     job, run_dir = _without_dropout(prepared, model_cache, "oom")
     events = _run(job, env={"FORGE_SIMULATE_OOM_ABOVE_ROWS": "1"}, kill_at_step=3)
     backoffs = [e for e in events if e["kind"] == "backoff"]
@@ -312,3 +318,27 @@ def _maybe_json(text: str):
         return json.loads(text)
     except ValueError:
         return None
+
+
+def test_gradient_checkpointing_changes_memory_not_losses(prepared, model_cache, whole):
+    plan, _ = prepared
+    job, run_dir = _job(prepared, "checkpointing", model_cache, gradient_checkpointing=True,
+                        lora=plan.train.lora.model_copy(update={"dropout": 0.0}))
+    _run(job)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert _losses(metrics) == pytest.approx(_losses(whole), abs=1e-5)
+
+
+def test_the_planners_cpu_estimate_is_within_15_percent_of_the_measured_peak(uninterrupted):
+    """The one calibration point this machine allows: the bundled model trained on CPU."""
+    from forge.host import catalog
+    from forge.host.memory import Shape, estimate
+
+    run_dir, _, metrics = uninterrupted
+    plan = load_plan(run_dir.parents[2] / "forge.yaml")
+    entry = catalog.models()[plan.model.name]
+    planned = estimate(Shape.of(entry), dtype=plan.train.dtype, quantization="none",
+                       targets=plan.train.lora.target_modules, rank=plan.train.lora.r,
+                       seq_len=plan.prepare.max_length, micro_batch=plan.train.micro_batch_size,
+                       checkpointing=False, accelerator="cpu").total / 2**20
+    assert planned == pytest.approx(metrics["rss_mb"], rel=0.15), (planned, metrics["rss_mb"])

@@ -204,6 +204,10 @@ class TrainSpec(Strict):
         "auto", description="auto: Unsloth on a CUDA image that has it, transformers + PEFT elsewhere")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Base weights through bitsandbytes "
                                                           "(QLoRA with 4bit); CUDA only")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
+                                         "about a third more compute; the planner turns it on when needed")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernels; flash_attention_2 needs an image built with flash-attn")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         [], description="Also send metrics here; the package must be installed in the image")
     eval: EvalSpec = EvalSpec()

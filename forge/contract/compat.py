@@ -1,0 +1,46 @@
+"""Which GPUs and drivers an image runs on: one rule for the host (from the image's labels, before it
+launches) and the runner (from torch, when the container starts).
+
+- A GPU of compute capability X.z runs code compiled for X.y when y <= z (CUDA's binary compatibility
+  within a major version); 10.x and 12.x are different majors, so Blackwell images carry both.
+- The driver must support the image's CUDA version: at least the same major.minor.
+"""
+
+from __future__ import annotations
+
+ARCH_CAPABILITIES = {"ampere": ("8.0", "8.6"), "ada": ("8.9",), "hopper": ("9.0",), "blackwell": ("10.0", "12.0")}
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)
+
+
+def arch_for(compute_capability: str) -> str | None:
+    """The Forge image family built for a compute capability (its class, not mere binary compatibility:
+    an 8.9 card gets the Ada image, though Ampere's 8.6 code would run on it), or None."""
+    major, minor = _version(compute_capability)
+    if major == 8:
+        return {0: "ampere", 6: "ampere", 9: "ada"}.get(minor)  # 8.7 is Jetson Orin: arm64 only
+    return {9: "hopper", 10: "blackwell", 12: "blackwell"}.get(major)
+
+
+def covers(capabilities, compute_capability: str) -> bool:
+    major, minor = _version(compute_capability)
+    return any(m == major and n <= minor for m, n in map(_version, capabilities))
+
+
+def image_problem(image_arch: str, capabilities, image_cuda: str, gpus: list[tuple[str, str]],
+                  driver_cuda: str | None, version: str) -> tuple[str, str] | None:
+    """(what is wrong, how to fix it) when this image cannot run on these GPUs (name, capability) and driver."""
+    for name, capability in gpus:
+        if not covers(capabilities, capability):
+            right = arch_for(capability)
+            fix = (f"Use forge-runner:{right}-{version} (`forge images build {right}`), or re-plan on this machine "
+                   "with `forge plan`." if right else "No Forge image supports this GPU; plan for the CPU with --cpu.")
+            return (f"The {image_arch} image has code for compute capability {', '.join(capabilities)}; "
+                    f"{name} is {capability}.", fix)
+    if image_cuda not in ("", "none") and driver_cuda and _version(driver_cuda) < _version(image_cuda):
+        return (f"The {image_arch} image uses CUDA {image_cuda}; this NVIDIA driver supports CUDA up to {driver_cuda}.",
+                f"Update the NVIDIA driver to one that supports CUDA {image_cuda} or newer.")
+    return None
