@@ -60,17 +60,7 @@ def compare(a: Run, b: Run) -> list[dict]:
                    "rows": run.metrics.get("val_rows")}
         return {"all": overall, **run.metrics.get("slices", {})}
 
-    left, right = slices(a), slices(b)
-    rows = []
-    for name in [*left, *(n for n in right if n not in left)]:
-        x, y = left.get(name, {}), right.get(name, {})
-        row = {"slice": name}
-        for key in ("loss", "perplexity"):
-            row[f"{key}_a"], row[f"{key}_b"] = x.get(key), y.get(key)
-            row[f"{key}_delta"] = (y[key] - x[key]) if x.get(key) is not None and y.get(key) is not None else None
-        row["rows_a"], row["rows_b"] = x.get("rows"), y.get("rows")
-        rows.append(row)
-    return rows
+    return _deltas(slices(a), slices(b), ("loss", "perplexity", "rows"))
 
 
 def compare_gold(a: Run, b: Run) -> list[dict]:
@@ -82,14 +72,18 @@ def compare_gold(a: Run, b: Run) -> list[dict]:
     def slices(gold: dict | None) -> dict[str, dict]:
         return {"all": gold, **gold.get("slices", {})} if gold else {}
 
-    x_all, y_all = slices(left), slices(right)
+    return _deltas(slices(left), slices(right), ("exact_match", "format_compliance"))
+
+
+def _deltas(left: dict[str, dict], right: dict[str, dict], keys: tuple[str, ...]) -> list[dict]:
+    """One row per slice of either side: each key's value in A and B and B - A (None where one lacks it)."""
     rows = []
-    for name in [*x_all, *(n for n in y_all if n not in x_all)]:
-        x, y = x_all.get(name, {}), y_all.get(name, {})
+    for name in [*left, *(n for n in right if n not in left)]:
+        x, y = left.get(name, {}), right.get(name, {})
         row = {"slice": name}
-        for key in ("exact_match", "format_compliance"):
+        for key in keys:
             row[f"{key}_a"], row[f"{key}_b"] = x.get(key), y.get(key)
-            row[f"{key}_delta"] = (y[key] - x[key]) if key in x and key in y else None
+            row[f"{key}_delta"] = (y[key] - x[key]) if x.get(key) is not None and y.get(key) is not None else None
         rows.append(row)
     return rows
 
