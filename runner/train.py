@@ -33,7 +33,10 @@ MAX_GRAD_NORM = 1.0
 
 
 def run_dir_for(plan: Plan, dataset: Path) -> Path:
-    key = sha256_json({"dataset": dataset.name, "train": plan.train.model_dump(mode="json"), "model": plan.model.name})
+    """Named by what shapes the weights: the dataset, the model and the training settings (not where metrics
+    are reported or how the result is evaluated, so changing those reuses the run)."""
+    train = plan.train.model_dump(mode="json", exclude={"eval", "report_to"})
+    key = sha256_json({"dataset": dataset.name, "train": train, "model": plan.model.name})
     return Path(plan.output.dir) / "runs" / f"{plan.model.name}-{key[:10]}"
 
 
