@@ -58,12 +58,14 @@ def build(arch: str, context: Path, base: str | None, on_line: Callable[[str], N
             f"No Dockerfile for arch {arch!r} ({dockerfile.name} is missing in {context}).",
             f"Build one of: {', '.join(available_arches(context))}.",
         )
-    args = {"FORGE_VERSION": __version__, "TORCH_VERSION": TORCH_VERSION,
+    args = {"FORGE_VERSION": __version__,
             "FORGE_SOURCE": source_digest({pkg: context / rel for pkg, rel in PACKAGE_DIRS.items()})}
     if base:
         args["BASE_IMAGE"] = base
-    if any((context / "wheels").glob(f"torch-{TORCH_VERSION}*.whl")):
-        args["TORCH_INDEX_URL"] = ""  # a staged wheel in wheels/ replaces the official CPU index
+    if arch == "cpu":  # the CUDA images pin their own torch (images/requirements-cuda.txt)
+        args["TORCH_VERSION"] = TORCH_VERSION
+        if any((context / "wheels").glob(f"torch-{TORCH_VERSION}*.whl")):
+            args["TORCH_INDEX_URL"] = ""  # a staged wheel in wheels/ replaces the official CPU index
     tag = image_name(arch)
     for chunk in _stream(context, dockerfile.name, tag, args):
         if "error" in chunk:

@@ -6,6 +6,7 @@ instead of "no kernel image is available for execution on the device" halfway in
 from __future__ import annotations
 
 import ctypes
+import os
 
 from forge import __version__
 from forge.contract import compat
@@ -30,8 +31,8 @@ def gpu_problem(image_cuda: str, arch_list: list[str], devices: list[tuple[str, 
                 "Run it with the GPU passed through (forge does this from the plan: re-run `forge plan` on this "
                 "machine), or use the CPU image with `forge plan --cpu`.")
     capabilities = [f"{int(a[3:-1])}.{a[-1]}" for a in arch_list if a.startswith("sm_") and a[3:].isdigit()]
-    arch = compat.arch_for(capabilities[0]) if capabilities else "?"
-    return compat.image_problem(arch or "?", capabilities, image_cuda, devices, driver, __version__)
+    arch = os.environ.get("FORGE_ARCH", "CUDA")  # set by each GPU Dockerfile
+    return compat.image_problem(arch, capabilities, image_cuda, devices, driver, __version__)
 
 
 def _devices(torch) -> list[tuple[str, str]]:
