@@ -70,6 +70,8 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
     sizing = size_batches(shape, hardware, preset.prepare.max_length, preset.train.effective_batch, dtype,
                           targets, preset.lora.r, quantization)
     reasons.extend(sizing.reasons)
+    reasons.append("Attention: PyTorch SDPA (memory-efficient kernels, no sequence² memory, on every image); "
+                   "flash_attention_2 needs an image built with FLASH_ATTN=1.")
 
     return Plan(
         forge_version=__version__,
@@ -90,6 +92,7 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
             gradient_accumulation=sizing.accumulation,
             quantization=sizing.quantization,
             gradient_checkpointing=sizing.checkpointing,
+            attention="sdpa",
             learning_rate=preset.train.learning_rate,
             warmup_steps=preset.train.warmup_steps,
             save_every=preset.train.save_every,
