@@ -1,5 +1,7 @@
-import pytest
+import io
 from pathlib import Path
+
+import pytest
 
 from forge.errors import DataError
 from forge.host.detect import detect
@@ -141,14 +143,16 @@ def test_the_catalogs_parameter_counts_follow_from_the_architecture_numbers():
 
 @pytest.mark.parametrize("gpu", WAYFARER_BOXES)
 def test_explain_reads_well_for_wayfarer_qlora(gpu, monkeypatch):
-    from forge.host.planner import explain
-    from forge.host.render import memory_breakdown, out_console
+    from rich.console import Console
 
-    monkeypatch.setattr(out_console, "width", 200)
+    from forge.host import render
+    from forge.host.planner import explain
+
+    output = io.StringIO()
+    monkeypatch.setattr(render, "out_console", Console(file=output, width=200, highlight=False))
     plan = _plan_on(gpu, "wayfarer-2-12b", "4bit")
-    with out_console.capture() as captured:
-        memory_breakdown(*explain(plan))
-    text = captured.get()
+    render.memory_breakdown(*explain(plan))
+    text = output.getvalue()
     for row in ("weights", "LoRA params + grads + AdamW", "activations", "logits (fp32 loss)", "framework overhead",
                 "total", "fits?"):
         assert row in text

@@ -224,12 +224,16 @@ def test_export_merges_the_adapter_into_plain_safetensors_weights(prepared, unin
     assert not torch.allclose(merged, plain, atol=1e-4)  # the merge changed the weights
 
 
-def test_runs_list_show_and_compare(prepared, model_cache, uninterrupted, tmp_path):
+def test_runs_list_show_and_compare(prepared, model_cache, uninterrupted, tmp_path, monkeypatch):
     """Two finished runs in one output directory: the comparison's deltas are B - A per slice, with the
     settings that differ and the correlation note."""
+    from rich.console import Console
     from typer.testing import CliRunner
 
+    from forge.host import render
     from forge.host.cli import app
+
+    monkeypatch.setattr(render, "out_console", Console(width=200, highlight=False))  # whole hashes, no wrapping
 
     run_a, _, metrics_a = uninterrupted
     job, run_b = _without_dropout(prepared, model_cache, "compared")
@@ -242,7 +246,7 @@ def test_runs_list_show_and_compare(prepared, model_cache, uninterrupted, tmp_pa
     listed = json.loads(cli.invoke(app, ["runs", "list", "-c", config, "--json"]).output)
     assert {r["id"] for r in listed} == {run_a.name, run_b.name} and all(r["finished"] for r in listed)
 
-    shown = cli.invoke(app, ["runs", "show", run_b.name[:-3], "-c", config], env={"COLUMNS": "200"})
+    shown = cli.invoke(app, ["runs", "show", run_b.name[:-3], "-c", config])
     assert shown.exit_code == 0 and "source:alpaca" in shown.output and metrics_b["reproducibility_hash"] in shown.output
 
     result = cli.invoke(app, ["runs", "compare", run_a.name, run_b.name, "-c", config, "--json"])
