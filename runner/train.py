@@ -1,8 +1,10 @@
-"""`forge train`: a LoRA recipe on transformers + PEFT, readable top to bottom.
+"""`forge train`: one LoRA recipe for every backend (Unsloth on CUDA images that have it, transformers +
+PEFT elsewhere), readable top to bottom.
 
-setup (model, data, optimizer, resume) → loop (accumulate, step, report, checkpoint) → finish
-(validation loss, adapter, metrics). The run directory is named by the dataset and the training
-config, so rerunning the same plan resumes the same run from its newest valid checkpoint.
+setup (model, data, optimizer, resume) → loop (accumulate, back off on OOM, step, report, checkpoint) →
+finish (evaluation by tag and on the gold set, adapter, run record). The run directory is named by the
+dataset and the training settings, so rerunning the same plan resumes the same run from its newest valid
+checkpoint.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from forge.runner.batches import RowStream, collate, learned_tokens, micro_batch
 from forge.runner.emit import also_write_to, emit, log, stage
 from forge.runner.evaluate import evaluate
 from forge.runner.gold import evaluate_gold, read_gold
-from forge.runner.prepare.tokenize import chat_template_for
-from forge.runner.report import Reporters
 from forge.runner.hashing import sha256_json
 from forge.runner.prepare.pipeline import dataset_dir
+from forge.runner.prepare.tokenize import chat_template_for
+from forge.runner.report import Reporters
 from forge.runner.resources import peak_rss_mb
 
 MAX_GRAD_NORM = 1.0
