@@ -119,8 +119,6 @@ class Sizing:
     accumulation: int
     quantization: str
     checkpointing: bool
-    budget: float  # bytes the estimate must stay under
-    breakdown: Breakdown | None  # of the chosen settings; None when the architecture is unknown
     reasons: list[str]
 
 
@@ -140,14 +138,10 @@ def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effectiv
         raise ConfigError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); this plan is for the CPU.",
                           "Use --quantization none (or auto) for CPU plans.")
     if shape is None:
-        return Sizing(1, effective, "none" if quantization == "auto" else quantization, False, 0.0, None,
+        return Sizing(1, effective, "none" if quantization == "auto" else quantization, False,
                       [f"Unknown architecture: micro-batch 1 × {effective} accumulation steps (safe default)."])
     budget, where = memory_budget(hardware)
-
-    def peak(quant: str, micro: int, checkpointing: bool) -> Breakdown:
-        return estimate(shape, dtype=dtype, quantization=quant, targets=targets, rank=rank, seq_len=seq_len,
-                        micro_batch=micro, checkpointing=checkpointing, accelerator=hardware.accelerator)
-
+    peak = _estimator(shape, hardware, dtype, targets, rank, seq_len)
     reasons = []
     if quantization == "auto":
         quantization = "none"
@@ -175,7 +169,17 @@ def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effectiv
         + (" with gradient checkpointing (without it a few sequences would not)." if checkpointing else ".")
         + " `forge plan --explain` shows the breakdown."
     )
-    return Sizing(micro, accumulation, quantization, checkpointing, budget, chosen, reasons)
+    return Sizing(micro, accumulation, quantization, checkpointing, reasons)
+
+
+def _estimator(shape: Shape, hardware: Hardware, dtype: str, targets: list[str], rank: int, seq_len: int):
+    """`peak(quantization, micro_batch, checkpointing)`: the estimate for one model, machine and LoRA setup."""
+
+    def peak(quantization: str, micro: int, checkpointing: bool) -> Breakdown:
+        return estimate(shape, dtype=dtype, quantization=quantization, targets=targets, rank=rank, seq_len=seq_len,
+                        micro_batch=micro, checkpointing=checkpointing, accelerator=hardware.accelerator)
+
+    return peak
 
 
 def explain(plan: Plan) -> tuple[list[tuple[str, Breakdown]], float, str]:
@@ -187,11 +191,7 @@ def explain(plan: Plan) -> tuple[list[tuple[str, Breakdown]], float, str]:
     if shape is None:
         return [], budget, where
     t = plan.train
-
-    def peak(quantization: str, micro: int, checkpointing: bool) -> Breakdown:
-        return estimate(shape, dtype=t.dtype, quantization=quantization, targets=t.lora.target_modules,
-                        rank=t.lora.r, seq_len=plan.prepare.max_length, micro_batch=micro,
-                        checkpointing=checkpointing, accelerator=plan.hardware.accelerator)
+    peak = _estimator(shape, plan.hardware, t.dtype, t.lora.target_modules, t.lora.r, plan.prepare.max_length)
 
     label = f"planned: {t.quantization if t.quantization != 'none' else t.dtype}, micro {t.micro_batch_size}" + (
         ", checkpointing" if t.gradient_checkpointing else "")

@@ -202,7 +202,7 @@ def _loop(plan, model, stream: RowStream, pad_id: int, optimizer, scheduler, sta
                 step_loss = _accumulate(model, rows, state.micro_batch_size, pad_id)
             except torch.OutOfMemoryError as exc:
                 optimizer.zero_grad(set_to_none=True)
-                checkpoint.set_rng_state(rng)  # the retried step draws the same dropout as an uninterrupted one
+                checkpoint.set_rng_state(rng)  # the retried step starts from the random state the failed one had
                 _back_off(state, effective, str(exc))
                 continue
             tokens_seen += sum(len(row["input_ids"]) for row in rows)
