@@ -11,8 +11,8 @@ from typing import Protocol
 
 import psutil
 
-from forge.contract import compat
-from forge.contract.plan import Arch, Gpu, Hardware
+from forge.contract.compat import arch_for
+from forge.contract.plan import Gpu, Hardware
 from forge.errors import HardwareError
 
 MIB = 1024 * 1024
@@ -90,11 +90,6 @@ class NvmlProvider:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def arch_for(compute_capability: str) -> Arch | None:
-    """The Forge image family for a compute capability, or None when no image covers it."""
-    return compat.arch_for(compute_capability)
 
 
 def arm64_only(compute_capability: str) -> str | None:

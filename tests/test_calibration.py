@@ -3,7 +3,6 @@ the command recorded in each file): every estimate within ±15% of what was meas
 planned micro-batch at least 0.8 of the largest that really fit."""
 
 import json
-from pathlib import Path
 
 import pytest
 
