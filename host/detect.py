@@ -114,7 +114,7 @@ def detect(provider: GpuProvider | None = None, select: list[str] | None = None)
         driver_version=report.driver_version,
         cuda_driver_version=report.cuda_driver_version,
     )
-    gpus = _selected(report.gpus, select) if select else report.gpus
+    gpus = _selected(report, select) if select else report.gpus
     usable = [gpu for gpu in gpus if arch_for(gpu.compute_capability)]
     if not usable:
         boards = [(gpu, kind) for gpu in gpus if (kind := arm64_only(gpu.compute_capability))]
@@ -141,7 +141,11 @@ def detect(provider: GpuProvider | None = None, select: list[str] | None = None)
     )
 
 
-def _selected(gpus: list[Gpu], select: list[str]) -> list[Gpu]:
+def _selected(report: GpuReport, select: list[str]) -> list[Gpu]:
+    gpus = report.gpus
+    if not gpus:
+        raise HardwareError(f"--gpu {' '.join(select)} was given, but no GPU was detected ({report.problem}).",
+                            "Install the NVIDIA driver (and nvidia-ml-py), or plan for the CPU with --cpu.")
     chosen = []
     for wanted in select:
         found = [gpu for gpu in gpus if (wanted.isdigit() and gpu.index == int(wanted)) or gpu.uuid == wanted]

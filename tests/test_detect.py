@@ -85,6 +85,9 @@ def test_several_gpus_are_picked_by_index_or_uuid():
     with pytest.raises(HardwareError) as error:
         detect(table, select=["7"])
     assert "GPU-00000000" in error.value.hint
+    with pytest.raises(HardwareError) as error:
+        detect(Table(problem="no NVIDIA driver found"), select=["0"])
+    assert "no NVIDIA driver found" in error.value.message and "--cpu" in error.value.hint
 
 
 class FakeNvml:
