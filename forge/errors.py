@@ -64,4 +64,12 @@ class HardwareError(ForgeError):
     code = "hardware"
 
 
-ERRORS_BY_CODE = {cls.code: cls for cls in (ForgeError, ConfigError, DataError, ModelError, EngineError, ImageError, HardwareError)}
+class QueueError(ForgeError):
+    """The job queue cannot be reached, or a job is not where the command expects it."""
+
+    exit_code = 8
+    code = "queue"
+
+
+ERRORS_BY_CODE = {cls.code: cls for cls in (ForgeError, ConfigError, DataError, ModelError, EngineError, ImageError,
+                                            HardwareError, QueueError)}

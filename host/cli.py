@@ -23,10 +23,15 @@ images_app = typer.Typer(no_args_is_help=True, help="Build, list and bootstrap t
 app.add_typer(images_app, name="images")
 runs_app = typer.Typer(no_args_is_help=True, help="List, inspect and compare training runs.")
 app.add_typer(runs_app, name="runs")
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow the jobs on the queue: list, show, logs -f, cancel.")
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The plan to run (written by `forge plan`).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="End with one JSON object (status and output paths) on stdout, for CI.")]
 MemoryOption = Annotated[Optional[str], typer.Option("--memory", help="Cap the runner container's memory, e.g. 1g (docker's --memory).")]
+QueueOption = Annotated[Optional[str], typer.Option(
+    "--queue", envvar="FORGE_QUEUE", help="postgresql://user@host/db (several machines) or sqlite:///path/queue.db "
+    "(one machine); default ~/.local/share/forge/queue.db.")]
 ContextOption = Annotated[Optional[Path], typer.Option("--context", help="Forge checkout holding the Dockerfiles (default: found from the current directory).")]
 
 
@@ -218,6 +223,172 @@ def images_bootstrap(
         raise ForgeError(f"Bootstrapping {tag} failed (exit {code}).", "It needs root and debootstrap; read the output above.")
 
 
+@app.command()
+def submit(
+    config: ConfigOption = Path("forge.yaml"),
+    step: Annotated[str, typer.Option("--step", help="prepare, train, or both (prepare, then train).")] = "both",
+    name: Annotated[Optional[str], typer.Option("--name", help="A name to find the job by (default: the model and goal).")] = None,
+    priority: Annotated[int, typer.Option("--priority", help="Higher runs first; equal priorities run in submission order.")] = 0,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Attempts after the first (a lost agent's included).")] = 3,
+    retry_on: Annotated[Optional[list[int]], typer.Option("--retry-on", help="Exit code that puts the job back on the queue; repeat. Default: 75 (stopped, state saved).")] = None,
+    queue: QueueOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Put a plan on the queue for `forge agent`s. Its requirements (image family, compute capability, free GPU
+    memory, GPU count; or CPU) come from the plan. The plan, its data and its output directory must be at the
+    same path on every agent (shared storage), so that any agent can resume the job from its checkpoints."""
+    from forge.contract.plan_io import dump_plan, load_plan
+    from forge.host.queue.jobs import RetryPolicy, requirements_of
+    from forge.host.queue.store import open_store
+    from forge.host.render import out_console
+
+    steps = {"prepare": ["prepare"], "train": ["train"], "both": ["prepare", "train"]}.get(step)
+    if steps is None:
+        raise typer.BadParameter("use prepare, train or both", param_hint="--step")
+    plan_ = load_plan(config)
+    needs = requirements_of(plan_)
+    job = open_store(queue).submit(
+        name=name or f"{plan_.model.name} {plan_.goal}", steps=steps, plan_path=str(config.resolve()),
+        plan_yaml=dump_plan(plan_), requirements=needs, priority=priority,
+        retry=RetryPolicy(max_restarts=max_restarts, **({"retry_on": retry_on} if retry_on else {})))
+    if as_json:
+        typer.echo(json.dumps({"id": job.id, "state": job.state, "requirements": needs.model_dump()}))
+    else:
+        out_console.print(f"Submitted [bold]{job.id}[/bold] ({job.name}); needs {needs.describe()}.\n"
+                          f"Follow it: forge jobs logs -f {job.id}", highlight=False)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[Optional[list[str]], typer.Option("--state", help="Only jobs in this state (queued, running, succeeded, failed, cancelled); repeat.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="The newest N jobs.")] = 50,
+    queue: QueueOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The newest jobs: state, requirements, agent and attempts."""
+    import time
+
+    from forge.host.queue.store import open_store
+    from forge.host.render import jobs_table
+
+    found = open_store(queue).jobs(state, limit)
+    if as_json:
+        typer.echo(json.dumps([_job_json(job) for job in found]))
+    else:
+        jobs_table(found, time.time())
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")], queue: QueueOption = None,
+              as_json: JsonOption = False) -> None:
+    """One job: its plan, requirements, retry policy, attempts, outputs; when queued, which agents could take it."""
+    import time
+
+    from forge.contract.plan import Hardware
+    from forge.host.queue.capacity import Capacity
+    from forge.host.queue.store import open_store
+    from forge.host.render import job_details
+
+    store = open_store(queue)
+    job = store.get(job_id)
+    if as_json:
+        typer.echo(json.dumps(_job_json(job)))
+        return
+    online = [a for a in store.agents() if a["state"] != "stopped" and a["now"] - a["last_seen"] < 300]
+    fits = [(a["id"], Capacity(Hardware.model_validate(a["hardware"]),
+                               cpu_jobs=a["labels"].get("forge.dev/cpu-jobs") != "false").misfit(job.requirements))
+            for a in online]
+    job_details(job, fits, time.time())
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+              follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep following until the job ends; exit with its exit code.")] = False,
+              queue: QueueOption = None) -> None:
+    """The job's runner output and progress, every attempt, with what the queue did in between."""
+    from forge.host.queue.follow import replay
+    from forge.host.queue.store import open_store
+    from forge.host.render import EventRenderer, out_console
+
+    store = open_store(queue)
+    with EventRenderer() as renderer:
+        job = replay(store, store.get(job_id), renderer, follow)
+    if follow:
+        out_console.print(f"{job.id} {job.state}" + (f" (exit code {job.exit_code})" if job.exit_code else ""),
+                          style="green" if job.state == "succeeded" else "red", highlight=False)
+        if job.state != "succeeded":
+            raise typer.Exit(job.exit_code or 1)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")], queue: QueueOption = None) -> None:
+    """Cancel a job: a queued one at once; a running one is stopped gracefully by its agent (state saved)."""
+    from forge.host.queue.store import open_store
+    from forge.host.render import out_console
+
+    job = open_store(queue).cancel(job_id)
+    out_console.print(f"{job.id}: " + ("cancelled." if job.state == "cancelled" else
+                                       f"cancel requested; agent {job.agent} stops it within a heartbeat."))
+
+
+@app.command()
+def agent(
+    queue: QueueOption = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="How this agent shows in `forge agents` (default: the host name).")] = None,
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="Use only this GPU (index or UUID); repeat. Run one agent per GPU set to share a box.")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Advertise no GPU: take CPU jobs only.")] = False,
+    gpu_jobs_only: Annotated[bool, typer.Option("--gpu-jobs-only", help="Leave CPU jobs to other agents.")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Run one job, then exit (ephemeral, autoscaled runners).")] = False,
+    lease: Annotated[float, typer.Option("--lease", min=2, help="Seconds a claim lasts without a heartbeat; a dead agent's job is taken over after this.")] = 60.0,
+    heartbeat: Annotated[float, typer.Option("--heartbeat", min=0.2, help="Seconds between lease renewals (well under --lease).")] = 10.0,
+    poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between looks at the queue when idle.")] = 2.0,
+    memory: MemoryOption = None,
+) -> None:
+    """Run the queued jobs this machine can run: it advertises its hardware as labels (GPU family, compute
+    capability, memory, product, count), claims only jobs whose requirements it meets, runs them in the
+    matching image like `forge train`, and streams their events and logs back to the queue."""
+    import socket
+
+    from forge.host.agent import Agent, AgentSettings
+    from forge.host.detect import NvmlProvider
+    from forge.host.queue.store import open_store
+    from forge.host.render import err_console
+
+    if heartbeat * 3 > lease:
+        raise typer.BadParameter("give at least three heartbeats per lease", param_hint="--heartbeat")
+    settings = AgentSettings(name=name or socket.gethostname(), lease_seconds=lease, heartbeat_seconds=heartbeat,
+                             poll_seconds=poll, cpu_jobs=not gpu_jobs_only, memory=memory)
+
+    def say(line: str) -> None:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    runner = Agent(open_store(queue), _NoGpu("--cpu was given") if cpu else NvmlProvider(), settings, gpu, say)
+    code = runner.serve(once=once)
+    if once and code:
+        raise typer.Exit(code)
+
+
+@app.command("agents")
+def agents_list(queue: QueueOption = None, as_json: JsonOption = False) -> None:
+    """The agents that have registered with the queue: their labels, state, job and when they were last seen."""
+    from forge.host.queue.store import open_store
+    from forge.host.render import agents_table
+
+    found = open_store(queue).agents()
+    if as_json:
+        typer.echo(json.dumps(found))
+    else:
+        agents_table(found)
+
+
+def _job_json(job) -> dict:
+    from dataclasses import asdict
+
+    data = asdict(job)
+    data.pop("plan_yaml")
+    return {**data, "requirements": job.requirements.model_dump(), "retry": job.retry.model_dump()}
+
+
 def _run_step(step: str, config: Path, as_json: bool, args: list[str], memory: str | None) -> None:
     try:
         outcome = _launch(step, config, args, memory)
@@ -257,10 +428,13 @@ def _print_json(step: str, status: str, exit_code: int, paths: dict | None = Non
 
 
 class _NoGpu:
+    def __init__(self, why: str = "--cpu was given") -> None:
+        self.why = why
+
     def report(self):
         from forge.host.detect import GpuReport
 
-        return GpuReport(problem="--cpu was given")
+        return GpuReport(problem=self.why)
 
 
 def version_callback(value: bool) -> None:

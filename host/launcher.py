@@ -6,6 +6,7 @@ always goes away afterwards; the runner's exit code becomes the CLI's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -38,6 +39,44 @@ class Outcome:
     mounts: Mounts
 
 
+class Control:
+    """Stops a step's container from another thread: gracefully (the runner saves its state and exits 75),
+    or at once. A request made before the container starts is applied as soon as it does."""
+
+    def __init__(self) -> None:
+        self.container = None
+        self.wanted: str | None = None
+
+    def bind(self, container) -> None:
+        self.container = container
+        if self.wanted:
+            self._act(self.wanted)
+
+    def stop(self) -> None:
+        if self.wanted != "kill":
+            self.wanted = "stop"
+            self._act("stop")
+
+    def kill(self) -> None:
+        self.wanted = "kill"
+        self._act("kill")
+
+    def _act(self, what: str) -> None:
+        container = self.container
+        if container is not None:
+            action = (lambda: container.stop(timeout=STOP_GRACE_SECONDS)) if what == "stop" else container.kill
+            threading.Thread(target=_quietly, args=(action,), daemon=True).start()
+
+
+@dataclass(frozen=True)
+class Lifeline:
+    """Hold the runner's stdin open: when this process dies (even kill -9), the runner reads EOF, stops as on
+    SIGTERM and exits for good after `grace_seconds`. An agent uses it so that a job never outlives its lease."""
+
+    grace_seconds: float
+    labels: dict[str, str]
+
+
 def run_step(
     step: Step,
     plan: Plan,
@@ -46,7 +85,10 @@ def run_step(
     on_log: Callable[[str], None],
     args: list[str] | None = None,
     memory: str | None = None,
+    control: Control | None = None,
+    lifeline: Lifeline | None = None,
 ) -> Outcome:
+    """Run one step. With a `control`, its owner handles stopping; without one, Ctrl-C/SIGTERM do."""
     plan_dir = plan_path.resolve().parent
     mounts = build_mounts(plan, plan_dir)
     image = check_image(plan.image.name, plan.image.arch, plan.hardware)
@@ -57,14 +99,20 @@ def run_step(
 
     out = str(output_dir(plan, plan_dir))
     _refuse_concurrent_runner(out)
-    container = _create([step, *(args or [])], plan, image, volumes, out, memory)
+    container = _create([step, *(args or [])], plan, image, volumes, out, memory, lifeline)
     outcome = Outcome(exit_code=1, result=None, failure=None, mounts=mounts)
+    stdin = None
     try:
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read, args=(container, lines), daemon=True)
+        if lifeline:
+            stdin = container.client.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
         _start(container)
         reader.start()
-        with _graceful_stop(container, on_log):
+        owned = control is None
+        control = control or Control()
+        control.bind(container)
+        with (_graceful_stop(control, on_log) if owned else contextlib.nullcontext()):
             while True:
                 item = lines.get()
                 if item is None:
@@ -88,6 +136,8 @@ def run_step(
                 on_event(outcome.failure)
     finally:
         container.remove(force=True)
+        if stdin is not None:
+            stdin.close()
     return outcome
 
 
@@ -102,7 +152,8 @@ def _refuse_concurrent_runner(out: str) -> None:
         )
 
 
-def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memory: str | None):
+def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memory: str | None,
+            lifeline: Lifeline | None):
     import docker
     from docker.errors import APIError
 
@@ -116,6 +167,7 @@ def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memo
         "FORGE_IMAGE_ID": image.id,
         **({"HF_HUB_OFFLINE": "1"} if plan.model.source.kind != "hub" else {}),
         **{name: os.environ[name] for name in PASSTHROUGH_SECRETS if os.environ.get(name)},
+        **({"FORGE_LIFELINE": "stdin", "FORGE_LIFELINE_GRACE_S": str(lifeline.grace_seconds)} if lifeline else {}),
     }
     devices = []
     if plan.hardware.accelerator == "cuda":
@@ -130,11 +182,14 @@ def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memo
             user=container_user(),
             init=True,
             device_requests=devices or None,
-            labels={"dev.forge.step": command[0], "dev.forge.model": plan.model.name, OUTPUT_LABEL: out},
+            labels={"dev.forge.step": command[0], "dev.forge.model": plan.model.name, OUTPUT_LABEL: out,
+                    **(lifeline.labels if lifeline else {})},
             shm_size="1g",
             mem_limit=memory,
             memswap_limit=memory,  # no swap beyond the cap: an over-budget runner fails fast and visibly
             stop_signal="SIGTERM",
+            # a lifeline is stdin kept open by us: not detached, so the engine closes it when we disconnect
+            **({"stdin_open": True, "detach": False} if lifeline else {}),
         )
     except APIError as exc:
         raise EngineError(f"The engine could not create the runner container: {exc.explanation or exc}",
@@ -173,8 +228,8 @@ def _read(container, lines: queue.Queue) -> None:
 class _graceful_stop:
     """First Ctrl-C/SIGTERM: ask the runner to stop (it checkpoints); second: kill it."""
 
-    def __init__(self, container, on_log: Callable[[str], None]) -> None:
-        self.container, self.on_log, self.asked = container, on_log, 0
+    def __init__(self, control: Control, on_log: Callable[[str], None]) -> None:
+        self.control, self.on_log, self.asked = control, on_log, 0
         self.previous: dict[int, object] = {}
 
     def __enter__(self):
@@ -191,15 +246,14 @@ class _graceful_stop:
         self.asked += 1
         if self.asked == 1:
             self.on_log(f"Stopping the runner (it saves its state; up to {STOP_GRACE_SECONDS}s). Again to kill.")
-            threading.Thread(target=self._quietly, args=(self.container.stop,), kwargs={"timeout": STOP_GRACE_SECONDS},
-                             daemon=True).start()
+            self.control.stop()
         else:
             self.on_log("Killing the runner.")
-            threading.Thread(target=self._quietly, args=(self.container.kill,), daemon=True).start()
+            self.control.kill()
 
-    @staticmethod
-    def _quietly(action, **kwargs) -> None:
-        try:
-            action(**kwargs)
-        except Exception:  # the container may already be gone
-            pass
+
+def _quietly(action) -> None:
+    try:
+        action()
+    except Exception:  # the container may already be gone
+        pass

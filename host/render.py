@@ -50,6 +50,10 @@ class EventRenderer:
     def log(self, line: str) -> None:
         self.progress.console.print(line, style="dim", markup=False, highlight=False, soft_wrap=True)
 
+    def note(self, line: str) -> None:
+        """What the queue did (claims, retries, lost agents): between the runner's lines, in another colour."""
+        self.progress.console.print(f"queue: {line}", style="cyan", markup=False, highlight=False, soft_wrap=True)
+
     def event(self, event: Event) -> None:
         if isinstance(event, StageStarted):
             self.tasks[event.stage] = self.progress.add_task(
@@ -230,3 +234,62 @@ def memory_breakdown(columns: list, budget: float, where: str) -> None:
     table.add_row("fits?", *("yes" if b.total <= budget else "no" for _, b in columns))
     out_console.print(table)
     out_console.print(CALIBRATION_NOTE, style="dim")
+
+
+def _ago(now: float, then: float | None) -> str:
+    if then is None:
+        return "—"
+    seconds = max(0, now - then)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago" if seconds < 7200 else \
+        f"{seconds / 3600:.0f}h ago"
+
+
+STATE_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "dim"}
+
+
+def jobs_table(jobs, now: float) -> None:
+    table = Table(title="jobs", title_justify="left")
+    for name in ("job", "name", "steps", "state", "needs", "agent", "attempts", "submitted"):
+        table.add_column(name, no_wrap=name in ("job", "state"))
+    for job in jobs:
+        style = STATE_STYLES.get(job.state, "")
+        table.add_row(job.id, job.name, "+".join(job.steps), f"[{style}]{job.state}[/{style}]",
+                      job.requirements.describe(), job.agent or "—", str(job.attempts), _ago(now, job.submitted_at))
+    out_console.print(table if jobs else "No jobs: `forge submit` puts one on the queue.")
+
+
+def job_details(job, fits: list[tuple[str, str | None]], now: float) -> None:
+    out_console.print(f"[bold]{job.id}[/bold]  {job.name}  [{STATE_STYLES.get(job.state, '')}]{job.state}[/]")
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = {"plan": job.plan_path, "steps": "+".join(job.steps), "needs": job.requirements.describe(),
+            "retry": f"up to {job.retry.max_restarts} restarts on exit codes {job.retry.retry_on}",
+            "attempts": str(job.attempts), "agent": job.agent or "—", "submitted": f"{_ago(now, job.submitted_at)} "
+            f"by {job.submitted_by}", "finished": _ago(now, job.finished_at), "exit code": _maybe(job.exit_code)}
+    for key, value in rows.items():
+        summary.add_row(key, value)
+    out_console.print(summary, highlight=False)
+    if job.error:
+        out_console.print(f"error: {job.error}", style="red", markup=False, highlight=False)
+    for step, outcome in job.result.items():
+        for name, path in outcome.get("paths", {}).items():
+            out_console.print(f"[bold]{step}.{name}[/bold]: {path}", highlight=False)
+    if job.state == "queued":
+        if not fits:
+            out_console.print("No agent is online: start one with `forge agent` on a machine that fits.",
+                              style="yellow")
+        for agent, why in fits:
+            out_console.print(f"agent {agent}: " + ("can run it" if why is None else f"cannot: {why}"),
+                              style="green" if why is None else "yellow", markup=False, highlight=False)
+
+
+def agents_table(agents: list[dict]) -> None:
+    table = Table(title="agents", title_justify="left")
+    for name in ("agent", "host", "state", "job", "seen", "labels"):
+        table.add_column(name, no_wrap=name in ("agent", "state"))
+    for agent in agents:
+        labels = " ".join(f"{k.split('/')[-1]}={v}" for k, v in agent["labels"].items())
+        table.add_row(agent["id"], agent["host"], agent["state"], agent["job_id"] or "—",
+                      _ago(agent["now"], agent["last_seen"]), labels)
+    out_console.print(table if agents else "No agents have registered: start one with `forge agent`.")

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     emit.claim_stdout()
     warnings.simplefilter("ignore", FutureWarning)  # library deprecation chatter is not the user's problem
     stop.install()
+    stop.watch_lifeline()
     try:
         from forge.contract.plan_io import load_plan
 

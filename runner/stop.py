@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on request, state saved, rerun to resume
 
@@ -22,3 +25,24 @@ def install() -> None:
 def check() -> None:
     if requested.is_set():
         raise Stopped()
+
+
+def watch_lifeline() -> None:
+    """Under `forge agent`, stdin is held open by the agent: EOF means it died (even kill -9). Stop as on
+    SIGTERM, and exit for good after the grace period, before the job's lease can pass to another agent."""
+    if os.environ.get("FORGE_LIFELINE") != "stdin":
+        return
+    grace = float(os.environ.get("FORGE_LIFELINE_GRACE_S", "30"))
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+        print(f"The agent is gone: stopping (at most {grace:.0f}s).", file=sys.stderr, flush=True)
+        requested.set()
+        time.sleep(grace)
+        os._exit(EXIT_RESUMABLE)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()

@@ -16,6 +16,13 @@ python3 -m pip install -q --no-deps -r images/no-deps-requirements.txt
 
 bash scripts/ensure-docker.sh
 
+# The queue tests start a PostgreSQL server of their own from Debian's binaries.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  say "installing PostgreSQL server binaries (for the queue tests)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y -q postgresql >/dev/null 2>&1 || { $sudo apt-get update -q && $sudo apt-get install -y -q postgresql >/dev/null; }
+fi
+
 base=${FORGE_BASE_IMAGE:-}
 if [ -z "$base" ]; then
   base=forge-base:bookworm

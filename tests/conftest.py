@@ -44,3 +44,6 @@ def engine():
         return client()
     except ForgeError as exc:
         pytest.fail(f"{exc.message} To fix: {exc.hint} (or run pytest -m 'not docker')")
+
+
+from tests.postgres import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)

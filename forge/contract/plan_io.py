@@ -27,7 +27,11 @@ def write_plan(plan: Plan, path: Path) -> None:
 def load_plan(path: Path) -> Plan:
     if not path.is_file():
         raise ConfigError(f"No plan at {path}.", "Run `forge plan --data FILE` first, or pass --config PATH.")
-    text = path.read_text(encoding="utf-8")
+    return parse_plan(path.read_text(encoding="utf-8"), path)
+
+
+def parse_plan(text: str, path: Path) -> Plan:
+    """A plan from its YAML text; `path` names it in errors (a queued job carries its plan as text)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

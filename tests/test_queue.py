@@ -1,0 +1,257 @@
+"""The queue on SQLite and on a real PostgreSQL server: matching, order, leases, cancellation, concurrency.
+
+Hardware is a table of real devices (the NVML boundary is the only fake); the databases are real.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from forge.contract.plan import Hardware
+from forge.host.detect import detect
+from forge.host.planner import build_plan
+from forge.host.queue.capacity import Capacity, gfd_family
+from forge.host.queue.jobs import Requirements, RetryPolicy, requirements_of
+from forge.host.queue.store import open_store
+from tests.conftest import EXAMPLES
+from tests.test_detect import Table
+
+CPU = Hardware(accelerator="cpu", arch="cpu", cpu_count=8, ram_total_mib=32000, ram_available_mib=30000)
+
+
+def hardware(*devices) -> Hardware:
+    return detect(Table(*devices)) if devices else CPU
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def queue_url(request, tmp_path):
+    return f"sqlite:///{tmp_path / 'queue.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def submit(store, needs: Requirements, priority: int = 0, name: str = "job", **retry):
+    return store.submit(name=name, steps=["train"], plan_path="/shared/forge.yaml", plan_yaml="{}",
+                        requirements=needs, retry=RetryPolicy(**retry), priority=priority)
+
+
+def cuda(arch: str, cc: str, vram: int, gpus: int = 1) -> Requirements:
+    return Requirements(accelerator="cuda", arch=arch, min_compute_capability=cc, min_free_vram_mib=vram, gpu_count=gpus)
+
+
+AGENTS = {
+    "cpu box": Capacity(CPU),
+    "rtx 4090": Capacity(hardware(("NVIDIA GeForce RTX 4090", "8.9", 24564))),
+    "2× rtx 3090": Capacity(hardware(("NVIDIA GeForce RTX 3090", "8.6", 24576), ("NVIDIA GeForce RTX 3090", "8.6", 24576))),
+    "h100, gpu jobs only": Capacity(hardware(("NVIDIA H100 80GB HBM3", "9.0", 81559)), cpu_jobs=False),
+    "b200": Capacity(hardware(("NVIDIA B200", "10.0", 183359))),
+    "a100 + l4": Capacity(hardware(("NVIDIA A100-SXM4-80GB", "8.0", 81920), ("NVIDIA L4", "8.9", 23034))),
+}
+
+
+def random_requirements(rng: random.Random) -> Requirements:
+    if rng.random() < 0.2:
+        return Requirements(accelerator="cpu", arch="cpu")
+    arch, cc = rng.choice([("ampere", "8.0"), ("ampere", "8.6"), ("ada", "8.9"), ("hopper", "9.0"),
+                           ("blackwell", "10.0"), ("blackwell", "12.0")])
+    return cuda(arch, cc, rng.choice([8000, 20000, 24000, 40000, 80000, 150000]), rng.choice([1, 1, 1, 2, 4]))
+
+
+@pytest.mark.parametrize("agent", list(AGENTS))
+def test_an_agent_claims_exactly_the_jobs_it_can_run(queue_url, agent):
+    """The SQL claim and `Capacity.misfit` are one rule: over 60 random jobs, the agent claims every job the
+    rule admits and no other."""
+    store, capacity = open_store(queue_url), AGENTS[agent]
+    rng = random.Random(agent)
+    jobs = {submit(store, random_requirements(rng)).id: None for _ in range(60)}
+    jobs = {job.id: job.requirements for job in store.jobs(limit=100)}
+    claimed = set()
+    while (got := store.claim("agent", capacity, 60)) is not None:
+        claimed.add(got[0].id)
+    expected = {job_id for job_id, needs in jobs.items() if capacity.misfit(needs) is None}
+    assert claimed == expected
+    assert 0 < len(expected) < len(jobs)  # the random jobs really split into runnable and not
+
+
+def test_misfit_reasons_name_what_is_missing():
+    assert "does not run on NVIDIA GeForce RTX 4090" in AGENTS["rtx 4090"].misfit(cuda("hopper", "9.0", 1000))
+    assert AGENTS["rtx 4090"].misfit(cuda("ampere", "8.0", 1000)) is None  # Ampere's 8.6 code runs on 8.9
+    assert "needs 2 GPUs, has 1" == AGENTS["rtx 4090"].misfit(cuda("ada", "8.9", 1000, gpus=2))
+    assert "MiB free" in AGENTS["rtx 4090"].misfit(cuda("ada", "8.9", 30000))
+    assert AGENTS["2× rtx 3090"].misfit(cuda("ampere", "8.6", 20000, gpus=2)) is None
+    assert "compute capability 8.6" in AGENTS["a100 + l4"].misfit(cuda("ampere", "8.6", 1000))
+    assert AGENTS["h100, gpu jobs only"].misfit(Requirements(accelerator="cpu", arch="cpu")) == \
+        "this agent takes GPU jobs only"
+
+
+def test_labels_follow_gpu_feature_discovery():
+    labels = AGENTS["rtx 4090"].labels()
+    assert labels["nvidia.com/gpu.family"] == "ada-lovelace"
+    assert labels["nvidia.com/gpu.product"] == "NVIDIA-GeForce-RTX-4090"
+    assert (labels["nvidia.com/gpu.compute.major"], labels["nvidia.com/gpu.compute.minor"]) == ("8", "9")
+    assert labels["nvidia.com/gpu.count"] == "1" and labels["nvidia.com/gpu.memory"] == "24564"
+    assert labels["forge.dev/images"] == "ampere,ada"
+    assert AGENTS["2× rtx 3090"].labels()["nvidia.com/gpu.count"] == "2"
+    assert "nvidia.com/gpu.family" not in AGENTS["cpu box"].labels()
+    assert [gfd_family(cc) for cc in ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")] == \
+        ["ampere", "ampere", "ada-lovelace", "hopper", "blackwell", "blackwell"]
+
+
+def test_requirements_come_from_the_plan(tmp_path):
+    data = [str(EXAMPLES / "chat-sample.jsonl")]
+    h100 = build_plan("sft", "llama-3.2-1b-instruct", data, hardware(("NVIDIA H100 80GB HBM3", "9.0", 81559)), tmp_path)
+    needs = requirements_of(h100)
+    assert (needs.accelerator, needs.arch, needs.min_compute_capability, needs.gpu_count) == ("cuda", "hopper", "9.0", 1)
+    # the planner's estimate for the planned batches, not the whole card: a smaller Hopper part fits
+    assert 1000 < needs.min_free_vram_mib < 81559 - 500
+    cpu = build_plan("smoke", "smollm2-135m-instruct", data, CPU, tmp_path)
+    assert requirements_of(cpu) == Requirements(accelerator="cpu", arch="cpu")
+
+
+def test_bind_moves_the_plan_onto_the_agents_freest_gpus(tmp_path):
+    data = [str(EXAMPLES / "chat-sample.jsonl")]
+    plan = build_plan("sft", "smollm2-135m-instruct", data, hardware(("NVIDIA GeForce RTX 3090", "8.6", 24576)), tmp_path)
+    found = detect(Table(("NVIDIA GeForce RTX 4090", "8.9", 24564), ("NVIDIA GeForce RTX 4090", "8.9", 24564)))
+    busy, free = found.gpus[0].model_copy(update={"memory_free_mib": 9000}), found.gpus[1]
+    agent = Capacity(found.model_copy(update={"gpus": [busy, free]}))
+    bound = agent.bind(plan, requirements_of(plan))
+    assert [gpu.uuid for gpu in bound.hardware.gpus] == [agent.hardware.gpus[1].uuid]
+    assert (bound.image, bound.train) == (plan.image, plan.train)
+
+
+def test_priority_first_then_submission_order(queue_url):
+    store = open_store(queue_url)
+    cpu = Requirements(accelerator="cpu", arch="cpu")
+    first, second, urgent = (submit(store, cpu, name=n, priority=p) for n, p in (("a", 0), ("b", 0), ("c", 5)))
+    order = [store.claim("agent", AGENTS["cpu box"], 60)[0].name for _ in range(3)]
+    assert order == ["c", "a", "b"]
+
+
+def test_an_expired_lease_requeues_the_job_until_restarts_run_out(queue_url):
+    store = open_store(queue_url)
+    job = submit(store, Requirements(accelerator="cpu", arch="cpu"), max_restarts=1)
+    _, token = store.claim("a", AGENTS["cpu box"], 0.3)
+    assert store.requeue_expired() == []  # not yet
+    time.sleep(0.5)
+    assert store.requeue_expired() == [(job.id, "queued")]
+    assert store.renew(job.id, token, 60) is None  # agent a lost it: its heartbeat says so ...
+    assert not store.finish(job.id, token, "succeeded", 0, None, {}, "late")  # ... and it cannot record a result
+    again, token_b = store.claim("b", AGENTS["cpu box"], 0.3)
+    assert (again.attempts, again.agent) == (2, "b")
+    time.sleep(0.5)
+    assert store.requeue_expired() == [(job.id, "failed")]  # one restart allowed, used
+    failed = store.get(job.id)
+    assert failed.final and "no restarts are left" in failed.error
+    notes = [e["body"] for e in store.events(job.id) if e["kind"] == "queue"]
+    assert sum("stopped renewing its lease" in note for note in notes) == 2
+
+
+def test_retry_policy_decides_what_goes_back_on_the_queue(queue_url):
+    store = open_store(queue_url)
+    job = submit(store, Requirements(accelerator="cpu", arch="cpu"), max_restarts=2, retry_on=[75, 137])
+    outcomes = []
+    for code in (137, 75, 75):
+        claimed, token = store.claim("a", AGENTS["cpu box"], 60)
+        state = claimed.next_state(code)
+        store.finish(job.id, token, state, code, None, {}, "")
+        outcomes.append(state)
+    assert outcomes == ["queued", "queued", "failed"]  # two restarts, then out
+    other = submit(store, Requirements(accelerator="cpu", arch="cpu"))
+    claimed, _ = store.claim("a", AGENTS["cpu box"], 60)
+    assert claimed.next_state(3) == "failed"  # bad data is not retried
+    assert claimed.next_state(0) == "succeeded"
+    assert other.id == claimed.id
+
+
+def test_cancel_a_queued_job_at_once_and_a_running_one_through_its_heartbeat(queue_url):
+    store = open_store(queue_url)
+    cpu = Requirements(accelerator="cpu", arch="cpu")
+    queued, running = submit(store, cpu, name="q"), submit(store, cpu, name="r")
+    claimed, token = store.claim("a", AGENTS["cpu box"], 60)
+    assert claimed.id == queued.id
+    store.finish(queued.id, token, "queued", 75, None, {}, "back")  # put back: it is queued again
+    claimed, token = store.claim("a", AGENTS["cpu box"], 60)
+    assert claimed.id == queued.id  # still first in line
+    assert store.cancel(running.id).state == "cancelled"
+    assert store.claim("b", AGENTS["cpu box"], 60) is None  # a cancelled job is never claimed
+    assert store.renew(queued.id, token, 60) is False
+    assert store.cancel(queued.id).cancel_requested
+    assert store.renew(queued.id, token, 60) is True  # the agent hears it at its next heartbeat
+    assert store.get(queued.id).next_state(75) == "cancelled"  # and the graceful stop ends it, not retried
+    with pytest.raises(Exception, match="already cancelled"):
+        store.cancel(running.id)
+
+
+def test_an_unknown_or_ambiguous_job_is_a_clear_error(tmp_path):
+    from forge.errors import QueueError
+
+    store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
+    with pytest.raises(QueueError, match="No job 'j-nope'"):
+        store.get("j-nope")
+    for _ in range(20):
+        submit(store, Requirements(accelerator="cpu", arch="cpu"))
+    with pytest.raises(QueueError, match="matches several jobs"):
+        store.get("j-")
+
+
+def test_an_unreachable_postgres_is_a_clear_error():
+    from forge.errors import QueueError
+
+    with pytest.raises(QueueError, match="The queue at postgresql://forge@127.0.0.1:1/x failed") as caught:
+        open_store("postgresql://forge@127.0.0.1:1/x")
+    assert "server is up" in caught.value.hint
+
+
+def _claim_loop(url: str, agent: str, seconds: float, results) -> None:
+    """One stress-test agent: claim, sometimes die mid-job (stop renewing), otherwise finish."""
+    store = open_store(url)
+    rng = random.Random(agent)
+    capacity = AGENTS["cpu box"]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        store.requeue_expired()
+        claimed = store.claim(agent, capacity, 0.5)
+        if claimed is None:
+            if all(job.final for job in store.jobs(limit=1000)):
+                return
+            time.sleep(0.02)
+            continue
+        job, token = claimed
+        results.append((job.id, job.attempts, agent))
+        if rng.random() < 0.05:
+            continue  # this "agent" died: its lease will expire and the job go to someone else
+        assert store.finish(job.id, token, "succeeded", 0, None, {}, "done")
+
+
+@pytest.mark.parametrize("backend, agents, jobs", [("sqlite", 4, 150), pytest.param("postgres", 12, 400, marks=pytest.mark.postgres)])
+def test_concurrent_agents_never_run_a_job_twice(backend, agents, jobs, tmp_path, request):
+    """Agents in separate processes race for the same jobs, and some die holding one. Every job ends
+    succeeded; each attempt was claimed by exactly one agent; a job is re-claimed only after its lease expired."""
+    url = f"sqlite:///{tmp_path / 'queue.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_store(url)
+    for _ in range(jobs):
+        submit(store, Requirements(accelerator="cpu", arch="cpu"), max_restarts=50)
+    with multiprocessing.Manager() as manager:
+        results = manager.list()
+        workers = [multiprocessing.get_context("fork").Process(target=_claim_loop, args=(url, f"agent-{i}", 90, results))
+                   for i in range(agents)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+        claims = list(results)
+    assert all(worker.exitcode == 0 for worker in workers)
+    final = store.jobs(limit=jobs + 1)
+    assert Counter(job.state for job in final) == {"succeeded": jobs}
+    per_attempt = Counter((job_id, attempt) for job_id, attempt, _ in claims)
+    assert max(per_attempt.values()) == 1  # no attempt was handed to two agents
+    assert {job_id for job_id, _, _ in claims} == {job.id for job in final}
+    assert len({agent for _, _, agent in claims}) > 1  # the work really was shared
+    retried = [job for job in final if job.attempts > 1]
+    for job in retried:  # each re-claim followed a lease expiry the queue recorded
+        notes = [e["body"] for e in store.events(job.id) if e["kind"] == "queue"]
+        assert sum("stopped renewing" in note for note in notes) == job.attempts - 1
