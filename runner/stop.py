@@ -35,10 +35,10 @@ def watch_lifeline() -> None:
     grace = float(os.environ.get("FORGE_LIFELINE_GRACE_S", "30"))
 
     def watch() -> None:
-        try:
-            while sys.stdin.buffer.read(65536):
+        try:  # the raw fd, not sys.stdin: a forked worker closes sys.stdin, which deadlocks on a held buffer lock
+            while os.read(0, 65536):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         print(f"The agent is gone: stopping (at most {grace:.0f}s).", file=sys.stderr, flush=True)
         requested.set()

@@ -9,7 +9,6 @@ import multiprocessing
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

@@ -226,6 +226,7 @@ class Store:
                     {"state": state, "error": error, "id": row["id"]})
                 self._note(run, row["id"], row["attempts"],
                            f"Agent {row['agent']} stopped renewing its lease: job {state}.")
+                run("UPDATE forge_agents SET state = 'lost', job_id = NULL WHERE id = :agent", {"agent": row["agent"]})
                 moved.append((row["id"], state))
         return moved
 
@@ -343,7 +344,7 @@ class _Sqlite:
 
 class _Postgres:
     serial = "BIGSERIAL PRIMARY KEY"
-    now = "extract(epoch FROM clock_timestamp())"
+    now = "CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION)"
     skip_locked = "FOR UPDATE SKIP LOCKED"
     hint = "Check the URL (FORGE_QUEUE or --queue), that the server is up and that this machine may connect."
 
