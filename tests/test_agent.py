@@ -237,3 +237,35 @@ def test_the_github_actions_example_submits_and_follows_a_smoke_job(tmp_path, en
     assert agent.returncode == 0, agent_err
     assert "succeeded" in script.stdout and "train" in script.stderr  # the followed progress
     assert (tmp_path / "shared" / "run-1" / "forge-out" / "runs").is_dir()
+
+
+def test_an_agent_that_loses_its_lease_kills_its_runner(tmp_path, engine):
+    """Fencing: once another agent holds the job, the old one's next heartbeat finds out and kills its
+    runner at once, without waiting for a graceful stop."""
+    from forge.host.agent import _Lease
+    from forge.host.launcher import Control
+    from forge.host.queue.jobs import Requirements
+    from tests.test_queue import AGENTS
+
+    store = open_store(f"sqlite:///{tmp_path / 'queue.db'}")
+    job = store.submit(name="fenced", steps=["train"], plan_path="/x/forge.yaml", plan_yaml="{}",
+                       requirements=Requirements(accelerator="cpu", arch="cpu"), retry=RetryPolicy())
+    _, token = store.claim("old", AGENTS["cpu box"], 0.5)
+    runner = engine.containers.run("forge-runner:cpu-0.1.0", entrypoint=["sleep", "300"], detach=True,
+                                   labels={JOB_LABEL: job.id}, stop_signal="SIGTERM")
+    try:
+        control = Control()
+        control.bind(runner)
+        said: list[str] = []
+        lease = _Lease(store, job.id, token, AgentSettings(lease_seconds=0.5, heartbeat_seconds=0.2), control,
+                       said.append, beat=lambda: None)
+        time.sleep(0.7)
+        assert store.requeue_expired() == [(job.id, "queued")]
+        assert store.claim("new", AGENTS["cpu box"], 60)[0].agent == "new"
+        lease.start()
+        wait_until(lambda: (runner.reload(), runner.status)[1] == "exited", 10, "the runner to be killed")
+        lease.stop()
+        assert lease.lost and runner.attrs["State"]["ExitCode"] == 137  # SIGKILL, not a graceful stop
+        assert any("the lease is no longer this agent's" in line for line in said)
+    finally:
+        runner.remove(force=True)

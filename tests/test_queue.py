@@ -5,8 +5,10 @@ Hardware is a table of real devices (the NVML boundary is the only fake); the da
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
+import re
 import time
 from collections import Counter
 
@@ -254,3 +256,70 @@ def test_concurrent_agents_never_run_a_job_twice(backend, agents, jobs, tmp_path
     for job in retried:  # each re-claim followed a lease expiry the queue recorded
         notes = [e["body"] for e in store.events(job.id) if e["kind"] == "queue"]
         assert sum("stopped renewing" in note for note in notes) == job.attempts - 1
+
+
+def test_a_lost_agent_is_marked_lost(queue_url):
+    store = open_store(queue_url)
+    job = submit(store, Requirements(accelerator="cpu", arch="cpu"))
+    store.register_agent("a-1", "a", AGENTS["cpu box"], "busy", job.id)
+    store.claim("a-1", AGENTS["cpu box"], 0.2)
+    time.sleep(0.4)
+    store.requeue_expired()
+    (agent,) = store.agents()
+    assert (agent["state"], agent["job_id"]) == ("lost", None)
+
+
+def run_cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "forge.host", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "160", **(env or {})}, timeout=120)
+
+
+def test_jobs_logs_replays_events_output_and_queue_notes(tmp_path):
+    """What `forge jobs logs` shows comes from the queue: the runner's stages as bars, its output lines and
+    the queue's own notes, in order; --json lists carry the requirements."""
+    from forge.contract.events import Progress, StageFinished, StageStarted, encode_event
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    store = open_store(url)
+    job = submit(store, Requirements(accelerator="cpu", arch="cpu"), name="replayed")
+    claimed, token = store.claim("agent-x", AGENTS["cpu box"], 60)
+    events = [StageStarted(ts=1, stage="train", total=4, unit="steps"),
+              *(Progress(ts=1 + i, stage="train", done=i, total=4, metrics={"loss": 2.0 / i}) for i in range(1, 5)),
+              StageFinished(ts=6, stage="train", seconds=5.0)]
+    store.add_events(job.id, 1, [(e.ts, "event", encode_event(e)) for e in events] + [(7, "log", "a runner line")])
+    store.finish(job.id, token, "succeeded", 0, None, {}, "Attempt 1 ended: job succeeded.")
+
+    shown = run_cli("jobs", "logs", "-f", job.id[:6], "--queue", url)
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stderr
+    assert out.index("queue: Submitted by") < out.index("queue: Attempt 1 claimed by agent agent-x") \
+        < out.index("a runner line") < out.index("queue: Attempt 1 ended")
+    assert re.search(r"train +━+ 4/4 .*loss=0.5", out)
+    listed = json.loads(run_cli("jobs", "list", "--json", "--queue", url).stdout)
+    assert [(j["id"], j["state"], j["requirements"]["accelerator"]) for j in listed] == [(job.id, "succeeded", "cpu")]
+
+
+def test_following_a_failed_job_exits_with_its_code(tmp_path):
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    store = open_store(url)
+    job = submit(store, Requirements(accelerator="cpu", arch="cpu"))
+    _, token = store.claim("a", AGENTS["cpu box"], 60)
+    store.finish(job.id, token, "failed", 3, "Data file not found.", {}, "failed")
+    followed = run_cli("jobs", "logs", "--follow", job.id, "--queue", url)
+    assert followed.returncode == 3 and f"{job.id} failed (exit code 3)" in followed.stdout
+
+
+def test_submit_refuses_bad_input_clearly(tmp_path):
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    missing = run_cli("submit", "-c", str(tmp_path / "nope.yaml"), "--queue", url)
+    assert missing.returncode == 2 and "No plan at" in missing.stderr and "Traceback" not in missing.stderr
+    bad_step = run_cli("submit", "--step", "deploy", "--queue", url)
+    assert bad_step.returncode == 2 and "use prepare, train or both" in bad_step.stderr
+    unknown = run_cli("jobs", "show", "j-nothing", "--queue", url)
+    assert unknown.returncode == 8 and "No job 'j-nothing'" in unknown.stderr
+    agent = run_cli("agent", "--queue", url, "--lease", "5", "--heartbeat", "2")
+    assert agent.returncode == 2 and "three heartbeats per lease" in agent.stderr
