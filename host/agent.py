@@ -21,7 +21,7 @@ from typing import Callable
 
 from forge.contract.events import Event, Failure, Result, StageFinished, encode_event
 from forge.contract.plan_io import parse_plan
-from forge.errors import ForgeError
+from forge.errors import DataError, ForgeError, QueueError
 from forge.host.detect import GpuProvider, detect
 from forge.host.launcher import Control, Lifeline, run_step
 from forge.host.queue.capacity import Capacity
@@ -62,10 +62,15 @@ class Agent:
         code = 0
         try:
             while not self.stopping.is_set():
-                self.store.requeue_expired()
-                capacity = self.capacity()
-                self.store.register_agent(self.id, self.settings.name, capacity, "idle", None)
-                claimed = self.store.claim(self.id, capacity, self.settings.lease_seconds)
+                try:
+                    self.store.requeue_expired()
+                    capacity = self.capacity()
+                    self.store.register_agent(self.id, self.settings.name, capacity, "idle", None)
+                    claimed = self.store.claim(self.id, capacity, self.settings.lease_seconds)
+                except QueueError as exc:  # a database restart or a network blip: keep trying, say so
+                    self.say(f"{exc.message} Retrying in {self.settings.lease_seconds / 4:.0f}s.")
+                    self.stopping.wait(self.settings.lease_seconds / 4)
+                    continue
                 if claimed is None:
                     self.stopping.wait(self.settings.poll_seconds)
                     continue
@@ -95,6 +100,10 @@ class Agent:
         lease.start()
         code, error, result = 1, None, {}
         try:
+            if not Path(job.plan_path).parent.is_dir():
+                raise DataError(f"The plan's directory {Path(job.plan_path).parent} is not on this machine "
+                                f"(agent {self.id}).", "Put forge.yaml, its data and its output directory on storage "
+                                "every agent mounts at the same path, then submit again.")
             plan = capacity.bind(parse_plan(job.plan_yaml, Path(job.plan_path)), job.requirements)
             lifeline = Lifeline(grace_seconds=self.settings.lease_seconds / 2, labels={JOB_LABEL: job.id})
             _clear_leftovers(job.id, lifeline.grace_seconds)
@@ -125,10 +134,18 @@ class Agent:
         if lease.lost:
             self.say(f"{job.id}: the lease was lost; the job is another agent's now.")
             return code
-        latest = self.store.get(job.id)
-        state = latest.next_state(code)
-        note = f"Attempt {job.attempts} on agent {self.id} ended with exit code {code}: job {state}."
-        self.store.finish(job.id, token, state, code, error if state != "succeeded" else None, result, note)
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while True:  # the outcome is recorded unless the lease runs out first (the job then reruns and resumes)
+            try:
+                state = self.store.get(job.id).next_state(code)
+                note = f"Attempt {job.attempts} on agent {self.id} ended with exit code {code}: job {state}."
+                self.store.finish(job.id, token, state, code, error if state != "succeeded" else None, result, note)
+                break
+            except QueueError as exc:
+                if time.monotonic() > deadline:
+                    note = f"could not record the outcome ({exc.message}); the queue will rerun it."
+                    break
+                time.sleep(1)
         self.say(f"{job.id}: {note}")
         return code
 

@@ -167,6 +167,7 @@ def test_jobs_land_on_the_agent_whose_hardware_fits(tmp_path, postgres_url, engi
         path = tmp_path / f"{name}.yaml"
         write_plan(plan.model_copy(update={"output": plan.output.model_copy(update={"dir": f"out-{name}"})}), path)
         jobs[name] = store.submit(name=name, steps=["prepare"], plan_path=str(path), plan_yaml=path.read_text(),
+                                  output_dir=str(tmp_path / f"out-{name}"),
                                   requirements=requirements_of(plan), retry=RetryPolicy()).id
 
     quiet = lambda line: None  # noqa: E731
@@ -248,7 +249,7 @@ def test_an_agent_that_loses_its_lease_kills_its_runner(tmp_path, engine):
     from tests.test_queue import AGENTS
 
     store = open_store(f"sqlite:///{tmp_path / 'queue.db'}")
-    job = store.submit(name="fenced", steps=["train"], plan_path="/x/forge.yaml", plan_yaml="{}",
+    job = store.submit(name="fenced", steps=["train"], plan_path="/x/forge.yaml", plan_yaml="{}", output_dir="/x/out",
                        requirements=Requirements(accelerator="cpu", arch="cpu"), retry=RetryPolicy())
     _, token = store.claim("old", AGENTS["cpu box"], 0.5)
     runner = engine.containers.run("forge-runner:cpu-0.1.0", entrypoint=["sleep", "300"], detach=True,

@@ -35,9 +35,11 @@ def queue_url(request, tmp_path):
     return f"sqlite:///{tmp_path / 'queue.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
 
-def submit(store, needs: Requirements, priority: int = 0, name: str = "job", **retry):
+def submit(store, needs: Requirements, priority: int = 0, name: str = "job", output: str | None = None, **retry):
+    """A job with its own output directory unless `output` names a shared one."""
     return store.submit(name=name, steps=["train"], plan_path="/shared/forge.yaml", plan_yaml="{}",
-                        requirements=needs, retry=RetryPolicy(**retry), priority=priority)
+                        output_dir=output or f"/shared/out-{random.random()}", requirements=needs,
+                        retry=RetryPolicy(**retry), priority=priority)
 
 
 def cuda(arch: str, cc: str, vram: int, gpus: int = 1) -> Requirements:
@@ -207,8 +209,9 @@ def test_an_unreachable_postgres_is_a_clear_error():
     assert "server is up" in caught.value.hint
 
 
-def _claim_loop(url: str, agent: str, seconds: float, results) -> None:
-    """One stress-test agent: claim, sometimes die mid-job (stop renewing), otherwise finish."""
+def _claim_loop(url: str, agent: str, seconds: float, results, busy, lock) -> None:
+    """One stress-test agent: claim, sometimes die mid-job (stop renewing), otherwise finish. `busy` holds the
+    output directories being written; finding one already there is a violation."""
     store = open_store(url)
     rng = random.Random(agent)
     capacity = AGENTS["cpu box"]
@@ -222,10 +225,21 @@ def _claim_loop(url: str, agent: str, seconds: float, results) -> None:
             time.sleep(0.02)
             continue
         job, token = claimed
-        results.append((job.id, job.attempts, agent))
+        output = store_output(store, job.id)
+        with lock:
+            results.append((job.id, job.attempts, agent, output in busy))
+            busy[output] = agent
+        time.sleep(rng.random() / 100)  # "runs" a moment
+        with lock:
+            busy.pop(output)  # the runner is gone (finished, or stopped by its lifeline) ...
         if rng.random() < 0.05:
-            continue  # this "agent" died: its lease will expire and the job go to someone else
+            continue  # ... and this "agent" died: its lease will expire and the job go to someone else
         assert store.finish(job.id, token, "succeeded", 0, None, {}, "done")
+
+
+def store_output(store, job_id: str) -> str:
+    with store._tx() as run:
+        return run("SELECT output_dir FROM forge_jobs WHERE id = :id", {"id": job_id})[0]["output_dir"]
 
 
 @pytest.mark.parametrize("backend, agents, jobs", [("sqlite", 4, 150), pytest.param("postgres", 12, 400, marks=pytest.mark.postgres)])
@@ -234,11 +248,13 @@ def test_concurrent_agents_never_run_a_job_twice(backend, agents, jobs, tmp_path
     succeeded; each attempt was claimed by exactly one agent; a job is re-claimed only after its lease expired."""
     url = f"sqlite:///{tmp_path / 'queue.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     store = open_store(url)
-    for _ in range(jobs):
-        submit(store, Requirements(accelerator="cpu", arch="cpu"), max_restarts=50)
+    for i in range(jobs):  # a tenth of the jobs share an output directory with others (a plan submitted twice)
+        submit(store, Requirements(accelerator="cpu", arch="cpu"), max_restarts=50,
+               output=f"/shared/plan-{i % 5}" if i % 10 == 0 else None)
     with multiprocessing.Manager() as manager:
-        results = manager.list()
-        workers = [multiprocessing.get_context("fork").Process(target=_claim_loop, args=(url, f"agent-{i}", 90, results))
+        results, busy, lock = manager.list(), manager.dict(), manager.Lock()
+        workers = [multiprocessing.get_context("fork").Process(target=_claim_loop,
+                                                               args=(url, f"agent-{i}", 90, results, busy, lock))
                    for i in range(agents)]
         for worker in workers:
             worker.start()
@@ -248,10 +264,11 @@ def test_concurrent_agents_never_run_a_job_twice(backend, agents, jobs, tmp_path
     assert all(worker.exitcode == 0 for worker in workers)
     final = store.jobs(limit=jobs + 1)
     assert Counter(job.state for job in final) == {"succeeded": jobs}
-    per_attempt = Counter((job_id, attempt) for job_id, attempt, _ in claims)
+    per_attempt = Counter((job_id, attempt) for job_id, attempt, _, _ in claims)
     assert max(per_attempt.values()) == 1  # no attempt was handed to two agents
-    assert {job_id for job_id, _, _ in claims} == {job.id for job in final}
-    assert len({agent for _, _, agent in claims}) > 1  # the work really was shared
+    assert {job_id for job_id, _, _, _ in claims} == {job.id for job in final}
+    assert len({agent for _, _, agent, _ in claims}) > 1  # the work really was shared
+    assert not any(clash for _, _, _, clash in claims)  # no output directory had two runners at once
     retried = [job for job in final if job.attempts > 1]
     for job in retried:  # each re-claim followed a lease expiry the queue recorded
         notes = [e["body"] for e in store.events(job.id) if e["kind"] == "queue"]
@@ -323,3 +340,31 @@ def test_submit_refuses_bad_input_clearly(tmp_path):
     assert unknown.returncode == 8 and "No job 'j-nothing'" in unknown.stderr
     agent = run_cli("agent", "--queue", url, "--lease", "5", "--heartbeat", "2")
     assert agent.returncode == 2 and "three heartbeats per lease" in agent.stderr
+
+
+def test_jobs_sharing_an_output_directory_never_run_at_once(queue_url):
+    """The same plan submitted twice trains the same run: the second waits for the first, even on an idle
+    agent, and jobs behind it are not held up."""
+    store = open_store(queue_url)
+    cpu = Requirements(accelerator="cpu", arch="cpu")
+    first, twin, other = (submit(store, cpu, name=n, output=o) for n, o in
+                          (("first", "/shared/run"), ("twin", "/shared/run"), ("other", None)))
+    claimed, token = store.claim("a", AGENTS["cpu box"], 60)
+    assert claimed.id == first.id
+    assert store.claim("b", AGENTS["cpu box"], 60)[0].id == other.id  # the twin is skipped, not blocking
+    assert store.claim("c", AGENTS["cpu box"], 60) is None
+    store.finish(first.id, token, "succeeded", 0, None, {}, "done")
+    assert store.claim("c", AGENTS["cpu box"], 60)[0].id == twin.id
+
+
+def test_a_plan_the_agent_cannot_see_fails_with_what_to_do(tmp_path):
+    from forge.host.agent import Agent, AgentSettings
+
+    store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
+    job = submit(store, Requirements(accelerator="cpu", arch="cpu"))  # its plan is in /shared, not here
+    said: list[str] = []
+    code = Agent(store, Table(problem="none"), AgentSettings(name="here", poll_seconds=0.1), say=said.append).serve(once=True)
+    failed = store.get(job.id)
+    assert code == 3 and (failed.state, failed.exit_code) == ("failed", 3)
+    assert "The plan's directory /shared is not on this machine" in failed.error and "same path" in failed.error
+    assert any("ended with exit code 3: job failed" in line for line in said)

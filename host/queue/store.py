@@ -32,6 +32,7 @@ SCHEMA = (
         steps TEXT NOT NULL,
         plan_path TEXT NOT NULL,
         plan_yaml TEXT NOT NULL,
+        output_dir TEXT NOT NULL,
         requirements TEXT NOT NULL,
         retry TEXT NOT NULL,
         req_accelerator TEXT NOT NULL,
@@ -104,10 +105,11 @@ class Store:
                 run(statement.replace("{serial}", dialect.serial))
 
     # -- submitting and following ------------------------------------------------------------------------
-    def submit(self, *, name: str, steps: list[str], plan_path: str, plan_yaml: str, requirements: Requirements,
-               retry: RetryPolicy, priority: int = 0) -> Job:
+    def submit(self, *, name: str, steps: list[str], plan_path: str, plan_yaml: str, output_dir: str,
+               requirements: Requirements, retry: RetryPolicy, priority: int = 0) -> Job:
         job_id = "j-" + uuid.uuid4().hex[:10]
         row = dict(id=job_id, name=name, state="queued", steps=",".join(steps), plan_path=plan_path, plan_yaml=plan_yaml,
+                   output_dir=output_dir,
                    requirements=requirements.model_dump_json(), retry=retry.model_dump_json(),
                    req_accelerator=requirements.accelerator, req_arch=requirements.arch,
                    req_compute=compute_key(requirements.min_compute_capability or "0.0"),
@@ -170,15 +172,22 @@ class Store:
 
     # -- the agent's side ----------------------------------------------------------------------------------
     def claim(self, agent_id: str, capacity: Capacity, lease_seconds: float) -> tuple[Job, str] | None:
-        """The most urgent queued job this agent can run, leased to it: (job, lease token), or None."""
+        """The most urgent queued job this agent can run, leased to it: (job, lease token), or None. A job
+        whose output directory another running job writes waits: two runners must never share one (a plan
+        submitted twice trains the same run)."""
         match, params = _match(capacity)
         token = uuid.uuid4().hex
+        busy = "SELECT 1 FROM forge_jobs AS other WHERE other.state = 'running' AND other.output_dir = {dir}"
         with self._tx() as run:
-            picked = run(f"SELECT id FROM forge_jobs WHERE state = 'queued' AND ({match}) "
-                         f"ORDER BY priority DESC, seq LIMIT 1 {self.dialect.skip_locked}", params)
+            picked = run(f"SELECT id, output_dir FROM forge_jobs WHERE state = 'queued' AND ({match}) AND NOT EXISTS "
+                         f"({busy.format(dir='forge_jobs.output_dir')}) ORDER BY priority DESC, seq LIMIT 1 "
+                         f"{self.dialect.skip_locked}", params)
             if not picked:
                 return None
-            job_id = picked[0]["id"]
+            job_id, output = picked[0]["id"], picked[0]["output_dir"]
+            self.dialect.lock_key(run, output)  # a concurrent claim for the same directory commits first ...
+            if run(busy.format(dir=":dir"), {"dir": output}):  # ... and is seen here
+                return None
             updated = run(f"UPDATE forge_jobs SET state = 'running', agent = :agent, lease_token = :token, "
                           f"lease_expires = {self.dialect.now} + :ttl, attempts = attempts + 1, "
                           f"started_at = COALESCE(started_at, {self.dialect.now}) WHERE id = :id AND state = 'queued' "
@@ -326,6 +335,10 @@ class _Sqlite:
         pass
 
     @staticmethod
+    def lock_key(run, key: str) -> None:
+        pass  # BEGIN IMMEDIATE: one writer at a time already
+
+    @staticmethod
     def sql(text: str) -> str:
         return text
 
@@ -363,6 +376,10 @@ class _Postgres:
     @staticmethod
     def lock_schema(run) -> None:
         run("SELECT pg_advisory_xact_lock(4242001)")  # agents starting together must not race CREATE TABLE
+
+    @staticmethod
+    def lock_key(run, key: str) -> None:
+        run("SELECT pg_advisory_xact_lock(hashtext(:key))", {"key": key})
 
     @staticmethod
     def sql(text: str) -> str:
