@@ -333,8 +333,10 @@ def test_gradient_checkpointing_changes_memory_not_losses(prepared, model_cache,
     assert _losses(metrics) == pytest.approx(_losses(whole), abs=1e-5)
 
 
-def test_the_planners_cpu_estimate_is_within_15_percent_of_the_measured_peak(uninterrupted):
-    """The one calibration point this machine allows: the bundled model trained on CPU."""
+def test_the_planners_cpu_estimate_bounds_the_measured_peak(uninterrupted):
+    """The planner sizes for full `max_length` sequences; this run's rows are shorter (batches pad to their
+    longest row), so its peak is below the estimate, though not by much. The estimate's accuracy at full
+    length is held to ±15% by tests/test_calibration.py (24 measured points)."""
     from forge.host import catalog
     from forge.host.memory import Shape, estimate
 
@@ -345,4 +347,4 @@ def test_the_planners_cpu_estimate_is_within_15_percent_of_the_measured_peak(uni
                        targets=plan.train.lora.target_modules, rank=plan.train.lora.r,
                        seq_len=plan.prepare.max_length, micro_batch=plan.train.micro_batch_size,
                        checkpointing=False, accelerator="cpu").total / 2**20
-    assert planned == pytest.approx(metrics["rss_mb"], rel=0.15), (planned, metrics["rss_mb"])
+    assert metrics["rss_mb"] <= planned <= 1.25 * metrics["rss_mb"], (planned, metrics["rss_mb"])
