@@ -1,5 +1,5 @@
-"""Fan a stream of tasks out to forked worker processes and take the results back in order, with a
-bounded number in flight (so memory does not grow with the input, unlike `Pool.imap`, which drains
+"""Fan a stream of tasks out to forked worker processes and take the results back in order (optionally in
+two stages with a step of the caller's in between), with a bounded number in flight (so memory does not grow with the input, unlike `Pool.imap`, which drains
 its input eagerly).
 
 Workers are forked after the parent has built what they need (a tokenizer, compiled templates), so
@@ -26,7 +26,7 @@ C = TypeVar("C")
 T = TypeVar("T")
 R = TypeVar("R")
 
-_task: Callable | None = None  # set in the parent just before forking; the workers inherit it
+_stages: tuple[Callable, Callable | None] | None = None  # set in the parent just before forking; inherited
 _PR_SET_PDEATHSIG = 1
 _F_SETPIPE_SZ = 1031
 
@@ -37,12 +37,26 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[tuple[C, T]], workers: int
     (in this one when workers <= 1) with at most `in_flight` tasks (default 4 per worker, so workers keep
     busy while the caller does a longer piece of its own work) sent ahead of the one being yielded. Only
     the argument and the result cross to the workers; the context stays here."""
+    return _run(fn, None, None, items, workers, in_flight)
+
+
+def pipelined_map(first: Callable, between: Callable, second: Callable, items: Iterable[tuple[C, T]], workers: int,
+                  in_flight: int | None = None) -> Iterator[tuple[C, R]]:
+    """Two stages per item, in one worker: `first(argument)` there; `between(context, its result)` here, one
+    item after another in input order (for what depends on the items before, like dedup); then `second(what
+    between returned)` back in the worker that ran `first`, which may keep what it needs from it. Yields
+    `(context, second's result)` in input order, with at most `in_flight` items between the two ends."""
+    return _run(first, between, second, items, workers, in_flight)
+
+
+def _run(first, between, second, items, workers, in_flight):
     if workers <= 1:
         for context, argument in items:
-            yield context, fn(argument)
+            result = first(argument)
+            yield context, second(between(context, result)) if between else result
         return
-    global _task
-    _task = fn
+    global _stages
+    _stages = (first, second)
     fork = multiprocessing.get_context("fork")
     pipes, processes = [], []
     try:
@@ -55,23 +69,30 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[tuple[C, T]], workers: int
             results_in.close()
             pipes.append((tasks_in, results_out))
             processes.append(process)
-        limit = max(in_flight or 4 * workers, 1)
         board = _Board(pipes)
-        pending: deque = deque()  # (context, worker) in task order
-        for context, argument in items:
-            board.collect()
-            worker = board.least_busy()
-            pipes[worker][0].send(argument)
-            board.sent(worker)
-            pending.append((context, worker))
-            while len(pending) >= limit:
-                context, worker = pending.popleft()
-                yield context, board.take(worker)
-        while pending:
-            context, worker = pending.popleft()
-            yield context, board.take(worker)
+        limit = max(in_flight or 4 * workers, 1)
+        firsts: deque = deque()  # (context, task, worker), in input order
+        seconds: deque = deque()
+        items = iter(items)
+        while True:
+            while len(firsts) + len(seconds) < limit and (item := next(items, None)) is not None:
+                context, argument = item
+                firsts.append((context, *board.send(0, argument)))
+            if not firsts and not seconds:
+                return
+            if between is None:
+                context, task, worker = firsts.popleft()
+                yield context, board.take(worker, task)
+            elif firsts and (not seconds or board.ready(firsts[0][2], firsts[0][1])):
+                # the oldest first stage is done (or nothing else is pending): its second stage can go out
+                context, task, worker = firsts.popleft()
+                payload = between(context, board.take(worker, task))
+                seconds.append((context, *board.send(1, payload, worker)))
+            else:
+                context, task, worker = seconds.popleft()
+                yield context, board.take(worker, task)
     finally:
-        _task = None
+        _stages = None
         for ends in pipes:
             for end in ends:
                 end.close()
@@ -82,40 +103,48 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[tuple[C, T]], workers: int
 
 
 class _Board:
-    """Results received so far per worker, and how many of its tasks each worker still has to finish: a new
-    task goes to the worker with the least left, so one slow task does not leave another worker idle.
-    Each worker answers its tasks in the order it got them, so taking the oldest task's worker's next
-    result keeps the overall order."""
+    """Tasks sent and results received, per worker. A new task goes to the worker with the fewest left to
+    do, so one slow task does not leave another worker idle; results are kept by task number until taken."""
 
     def __init__(self, pipes: list) -> None:
+        self.tasks = [tasks for tasks, _ in pipes]
         self.pipes = [results for _, results in pipes]
-        self.results: list[deque] = [deque() for _ in pipes]
+        self.results: list[dict] = [{} for _ in pipes]
         self.busy = [0] * len(pipes)
+        self.count = 0
 
-    def sent(self, worker: int) -> None:
+    def send(self, stage: int, payload, worker: int | None = None) -> tuple[int, int]:
+        """Send a task (to `worker`, or the least busy one): (its number, the worker)."""
+        self.collect()
+        worker = self.busy.index(min(self.busy)) if worker is None else worker
+        task, self.count = self.count, self.count + 1
+        self.tasks[worker].send((task, stage, payload))
         self.busy[worker] += 1
-
-    def least_busy(self) -> int:
-        return self.busy.index(min(self.busy))
+        return task, worker
 
     def collect(self) -> None:
         """Take in whatever results have arrived, without waiting."""
         for pipe in wait(self.pipes, timeout=0):
             self._receive(self.pipes.index(pipe))
 
-    def take(self, worker: int):
-        while not self.results[worker]:
+    def ready(self, worker: int, task: int) -> bool:
+        self.collect()
+        return task in self.results[worker]
+
+    def take(self, worker: int, task: int):
+        while task not in self.results[worker]:
             self._receive(worker)
-        ok, value = self.results[worker].popleft()
+        ok, value = self.results[worker].pop(task)
         if not ok:
             raise value
         return value
 
     def _receive(self, worker: int) -> None:
         try:
-            self.results[worker].append(self.pipes[worker].recv())
+            task, ok, value = self.pipes[worker].recv()
         except EOFError:
             raise RuntimeError("A prepare worker process died (killed, or out of memory?).") from None
+        self.results[worker][task] = (ok, value)
         self.busy[worker] -= 1
 
 
@@ -144,17 +173,18 @@ def _serve(tasks_in, results_out) -> None:
             tasks.put(_DONE)
 
     threading.Thread(target=receive, daemon=True).start()
-    while (task := tasks.get()) is not _DONE:
+    while (received := tasks.get()) is not _DONE:
+        task, stage, payload = received
         try:
-            reply = (True, _task(task))
+            reply = (task, True, _stages[stage](payload))
         except Exception as exc:  # the parent re-raises it, hint and all
-            reply = (False, exc)
+            reply = (task, False, exc)
         try:
             results_out.send(reply)
         except (BrokenPipeError, OSError):
             return
         except Exception:  # an unpicklable exception: send what it said
-            results_out.send((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+            results_out.send((task, False, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]}")))
 
 
 _DONE = object()

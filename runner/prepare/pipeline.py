@@ -26,13 +26,13 @@ from forge.errors import DataError
 from forge.runner import models, stop
 from forge.runner.emit import emit, log, stage
 from forge.runner.hashing import sha256_file, sha256_json
-from forge.runner.parallel import ordered_map
+from forge.runner.parallel import pipelined_map
 from forge.runner.resources import container_peak_mb, peak_rss_mb, usable_cpus
 from forge.runner.prepare import steps
 from forge.runner.prepare.outputs import assemble, write_shard
 from forge.runner.prepare.sources import RawRecord, count_records, read_records
 from forge.runner.prepare.stats import ShardStats
-from forge.runner.prepare.work import AfterDedup, Chunk, Source, drop_duplicates
+from forge.runner.prepare.work import Chunk, Source, Stages
 
 PIPELINE_VERSION = 3
 CHUNK_ROWS = 512  # records per task sent to a worker: small enough to balance the load, large enough to batch
@@ -110,7 +110,7 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
     written = max((seq for seq, _ in done.values()), default=0)
     if deduplicator and deduplicator.last_seq > written:
         deduplicator.forget_after(written)  # rows committed ahead of the last written shard: check them again
-    after_dedup = AfterDedup(plan, model_dir)
+    stages = Stages(plan, model_dir)
     workers = spec.workers or usable_cpus()
     if workers > 1:  # each worker tokenizes on one CPU; the runner itself tokenizes nothing
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -131,23 +131,26 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
             advance(done[index][1].rows_in)
 
         def tasks():
-            for chunk in _chunks(plan, file_hashes, spec.shard_rows, done, skip):
-                rows = chunk.rows()
-                unique = drop_duplicates(steps.parse(rows), deduplicator)
-                seq = deduplicator.last_seq if deduplicator else 0
-                yield (chunk, rows, unique, seq), [row.handoff() for row in unique]
+            for number, chunk in enumerate(_chunks(plan, file_hashes, spec.shard_rows, done, skip)):
+                chunk.number = number
+                yield chunk, (number, chunk.parts)
+
+        def check(chunk: Chunk, parsed) -> tuple[int, list]:
+            """Dedup's verdicts for a chunk's parsed rows, here, one chunk after another in input order."""
+            ids, sketches = parsed
+            verdicts = deduplicator.check_sketched(ids, sketches) if deduplicator and ids else [("unique", None)] * len(ids)
+            chunk.seq = deduplicator.last_seq if deduplicator else 0
+            return chunk.number, verdicts
 
         shard = None
-        for (chunk, rows, unique, seq), outcomes in ordered_map(after_dedup, tasks(), workers):
+        for chunk, rows in pipelined_map(stages.parse, check, stages.finish, tasks(), workers, in_flight=8 * workers):
             if shard is None:
                 stop.check()
                 shard = steps.Shard(chunk.shard)
-            for row, outcome in zip(unique, outcomes, strict=True):
-                row.take_outcome(outcome)
             for row in rows:
                 shard.account(row)
             if chunk.last:
-                _finish(shard, work_dir, db, spec, seq)
+                _finish(shard, work_dir, db, spec, chunk.seq)
                 totals.merge(shard.stats)
                 shard = None
             advance(len(rows), shard and shard.stats)

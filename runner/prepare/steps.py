@@ -3,8 +3,8 @@
 and leaves the stream. Steps record what happened on the row and count nothing: `Shard.account` derives
 every count from the rows, in one place, so the accounting identity holds by construction.
 
-Every step after dedup is a pure function of its row, which is what lets worker processes run them
-(see `work.py`) while dedup, the one step that depends on the rows before it, runs in input order.
+Every step but dedup's check is a pure function of its row, which is what lets worker processes run them
+(see `work.py`) while that check, the one step that depends on the rows before it, runs in input order.
 """
 
 from __future__ import annotations
@@ -52,21 +52,7 @@ class Row:
     action: str = "keep"  # what the findings decided: keep | drop | fail
     length: str | None = None  # truncated | split | dropped
     stratum: str = ""
-
-    def handoff(self) -> tuple:
-        """What the steps after dedup read, to send to a worker (`after_dedup_row` rebuilds the row there)."""
-        return self.id, self.input_hash, self.messages, self.tags
-
-    def outcome(self) -> tuple:
-        """What the steps after dedup wrote, to send back (`take_outcome` applies it to the original row)."""
-        return (self.audit, self.removal, self.pii, self.checked, self.findings, self.action, self.length,
-                self.examples, self.split, self.stratum)
-
-    def take_outcome(self, outcome: tuple) -> None:
-        (audit, self.removal, self.pii, self.checked, self.findings, self.action, self.length, self.examples,
-         self.split, self.stratum) = outcome
-        self.audit.extend(audit)
-        self.messages = []
+    audit_json: str = ""  # the audit log line, rendered where the row was finished (a worker)
 
     def remove(self, kind: str, reason: str, detail: str = "", duplicate_of: str | None = None) -> None:
         self.removal = Removal(kind, reason, detail, duplicate_of)
@@ -123,12 +109,6 @@ class Shard:
 
     def kept(self) -> list[Row]:
         return [row for row in self.rows if row.removal is None]
-
-
-def after_dedup_row(handoff: tuple) -> Row:
-    row_id, input_hash, messages, tags = handoff
-    return Row(id=row_id, source="", line=0, input_hash=input_hash, record=None, fmt="", base_tags={},
-               messages=messages, tags=tags)
 
 
 def make_row(source: str, file_hash: str, record: RawRecord, fmt: str, tags: dict[str, str]) -> Row:
@@ -268,5 +248,5 @@ line_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 
 
 def audit_line(row: Row) -> str:
-    return line_json({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_hash,
-                      "steps": row.audit})
+    return row.audit_json or line_json({"id": row.id, "source": row.source, "line": row.line,
+                                        "input_hash": row.input_hash, "steps": row.audit})

@@ -1,6 +1,7 @@
-"""How a shard's rows move: this process reads, parses and dedups them in input order (dedup depends on
-the rows before it), and worker processes run the steps after dedup, which are pure per row, on the
-unique rows. The output is the same whatever the number of workers, byte for byte.
+"""How a shard's rows move: this process reads the records and runs dedup's checks in input order (dedup
+depends on the rows before it); worker processes do the rest, which is pure per row: parsing and dedup
+sketches before the check, every step after it. The output is the same whatever the number of workers,
+byte for byte.
 """
 
 from __future__ import annotations
@@ -25,51 +26,63 @@ class Source:
 
 @dataclass
 class Chunk:
-    """Consecutive records of one shard, parsed and deduplicated together; their unique rows go to one worker."""
+    """Consecutive records of one shard, parsed, deduplicated and finished together by one worker."""
 
     shard: int
     last: bool  # the shard's last chunk
     parts: list[tuple[Source, list[RawRecord]]]
-
-    def rows(self) -> list[steps.Row]:
-        return [steps.make_row(source.name, source.file_hash, record, source.fmt, dict(source.tags))
-                for source, records in self.parts for record in records]
+    number: int = 0  # in input order, from 0
+    seq: int = 0  # the last row dedup had registered once this chunk was checked
 
 
-def drop_duplicates(rows: list[steps.Row], deduplicator) -> list[steps.Row]:
-    """The rows that are not duplicates of a row before them; the others are marked as such."""
-    if deduplicator is None or not rows:
-        return rows
-    sketches = deduplicator.sketcher.sketch([steps.dedup_text(row) for row in rows])
-    unique = []
-    for row, (verdict, first) in zip(rows, deduplicator.check_sketched([row.id for row in rows], sketches)):
-        if verdict == "unique":
-            unique.append(row)
-        else:
-            row.remove("duplicates", verdict, duplicate_of=first)
-    return unique
-
-
-class AfterDedup:
-    """The steps after dedup, with everything they need built once in this process and inherited by forked
-    workers: PII scrubbing, compliance checks, template fit, tokenizing and the split."""
+class Stages:
+    """The per-row work of a chunk, in two halves around dedup, both run by the same worker process (forked
+    after this is built, so the tokenizer and compiled templates are shared, not pickled):
+    `parse` makes the rows and sketches them for dedup and keeps them; `finish` takes dedup's verdicts and
+    runs the steps after it (PII, compliance, template fit, tokenize, split). Only the records, the
+    sketches, the verdicts and the finished rows cross between processes."""
 
     def __init__(self, plan: Plan, model_dir: Path) -> None:
         from forge.runner.prepare.compliance import load_checks
+        from forge.runner.prepare.dedup import Sketcher
         from forge.runner.prepare.pii import make_scrubber
         from forge.runner.prepare.tokenize import Encoder, load_tokenizer
 
         self.spec, self.template = plan.prepare, plan.model.chat_template
+        dedup = self.spec.dedup
+        self.sketcher = Sketcher(dedup) if dedup.exact or dedup.near else None
         self.scrubber = make_scrubber(self.spec.pii) if self.spec.pii.enabled else None
         self.checks = load_checks(self.spec.compliance)
         self.encoder = Encoder(load_tokenizer(model_dir, self.template), self.spec.labels)
+        self.held: dict[int, tuple[list[steps.Row], list[steps.Row]]] = {}
 
-    def __call__(self, handoffs: list[tuple]) -> list[tuple]:
-        """`Row.handoff()`s in, `Row.outcome()`s out: only what the steps read and write crosses processes."""
-        rows = [steps.after_dedup_row(handoff) for handoff in handoffs]
-        live = steps.scrub_pii(rows, self.scrubber)
+    def parse(self, task: tuple[int, list[tuple[Source, list[RawRecord]]]]):
+        """(ids of the rows that parsed, their dedup sketches or None)."""
+        number, parts = task
+        rows = [steps.make_row(source.name, source.file_hash, record, source.fmt, dict(source.tags))
+                for source, records in parts for record in records]
+        parsed = steps.parse(rows)
+        self.held[number] = (rows, parsed)
+        sketches = self.sketcher.sketch([steps.dedup_text(row) for row in parsed]) if self.sketcher and parsed else None
+        return [row.id for row in parsed], sketches
+
+    def finish(self, task: tuple[int, list]) -> list[steps.Row]:
+        """Every row of the chunk, in order, with what happened to it."""
+        number, verdicts = task
+        rows, parsed = self.held.pop(number)
+        unique = []
+        for row, (verdict, first) in zip(parsed, verdicts, strict=True):
+            if verdict == "unique":
+                unique.append(row)
+            else:
+                row.remove("duplicates", verdict, duplicate_of=first)
+        live = steps.scrub_pii(unique, self.scrubber)
         live = steps.comply(live, self.checks, self.spec.compliance.on)
         live = steps.fit_template(live, self.template)
         live = steps.tokenize(live, self.encoder, self.spec)
         steps.assign_split(live, self.spec)
-        return [row.outcome() for row in rows]
+        for row in parsed:
+            row.messages = []  # read by no output: not worth sending back
+        for row in rows:  # the audit line is final now: render it here, not in the runner, which is busier
+            row.audit_json, row.audit = steps.audit_line(row), []
+        return rows
