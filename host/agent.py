@@ -23,7 +23,7 @@ from forge.contract.events import Event, Failure, Result, StageFinished, encode_
 from forge.contract.plan_io import parse_plan
 from forge.errors import DataError, ForgeError, QueueError
 from forge.host.detect import GpuProvider, detect
-from forge.host.launcher import Control, Lifeline, run_step
+from forge.host.launcher import Control, Lifeline, quietly, run_step
 from forge.host.queue.capacity import Capacity
 from forge.host.queue.jobs import Job
 from forge.host.queue.store import Store
@@ -260,12 +260,13 @@ def _clear_leftovers(job_id: str, grace_seconds: float) -> None:
     """A dead agent's runner for this job on this machine: give its lifeline time to stop it, then remove it."""
     from forge.host.engine import client
 
-    for container in client().containers.list(all=True, filters={"label": f"{JOB_LABEL}={job_id}"}):
+    for container in client().containers.list(all=True, filters={"label": f"{JOB_LABEL}={job_id}"},
+                                              ignore_removed=True):  # one may go between listing and looking
         try:
             container.wait(timeout=grace_seconds + 5)
         except Exception:
-            container.kill()
-        container.remove(force=True)
+            quietly(container.kill)
+        quietly(lambda: container.remove(force=True))
 
 
 def summarise(event: Event) -> str | None:

@@ -65,7 +65,7 @@ class Control:
         container = self.container
         if container is not None:
             action = (lambda: container.stop(timeout=STOP_GRACE_SECONDS)) if what == "stop" else container.kill
-            threading.Thread(target=_quietly, args=(action,), daemon=True).start()
+            threading.Thread(target=quietly, args=(action,), daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def run_step(
 
 def _refuse_concurrent_runner(out: str) -> None:
     """Two runners writing one output dir would corrupt it (e.g. after the host CLI was kill -9'd)."""
-    running = client().containers.list(filters={"label": f"{OUTPUT_LABEL}={out}"})
+    running = client().containers.list(filters={"label": f"{OUTPUT_LABEL}={out}"}, ignore_removed=True)
     if running:
         names = ", ".join(f"{c.name} ({c.labels.get('dev.forge.step')})" for c in running)
         raise EngineError(
@@ -252,7 +252,7 @@ class _graceful_stop:
             self.control.kill()
 
 
-def _quietly(action) -> None:
+def quietly(action) -> None:
     try:
         action()
     except Exception:  # the container may already be gone

@@ -297,7 +297,7 @@ def _latest_checkpoint_step(run_dir: Path) -> int:
 
 
 def _containers(engine) -> list:
-    return engine.containers.list(all=True, filters={"label": "dev.forge.step=train"})
+    return engine.containers.list(all=True, filters={"label": "dev.forge.step=train"}, ignore_removed=True)
 
 
 def test_prepare_killed_in_the_container_resumes_to_identical_output(tmp_path, engine, model_cache):
