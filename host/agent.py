@@ -118,11 +118,11 @@ class Agent:
                     result[step] = {"paths": {k: outcome.mounts.host_path(v) for k, v in outcome.result.paths.items()},
                                     "info": outcome.result.info}
                 if outcome.failure:
-                    error = outcome.failure.message + (f" {outcome.failure.hint}" if outcome.failure.hint else "")
+                    error = _said(outcome.failure.message, outcome.failure.hint)
                 if code != 0:
                     break
         except ForgeError as exc:
-            code, error = exc.exit_code, exc.message + (f" {exc.hint}" if exc.hint else "")
+            code, error = exc.exit_code, _said(exc.message, exc.hint)
             sink.event(Failure(ts=time.time(), code=exc.code, message=exc.message, hint=exc.hint))
         except Exception as exc:  # a bug in Forge: the job fails with it, the agent lives on
             code, error = 1, f"Forge agent error: {exc!r}"
@@ -267,6 +267,11 @@ def _clear_leftovers(job_id: str, grace_seconds: float) -> None:
         except Exception:
             quietly(container.kill)
         quietly(lambda: container.remove(force=True))
+
+
+def _said(message: str, hint: str) -> str:
+    """An error as the job records it: what went wrong, then how to fix it."""
+    return f"{message} {hint}" if hint else message
 
 
 def summarise(event: Event) -> str | None:

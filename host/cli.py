@@ -238,6 +238,7 @@ def submit(
     memory, GPU count; or CPU) come from the plan. The plan, its data and its output directory must be at the
     same path on every agent (shared storage), so that any agent can resume the job from its checkpoints."""
     from forge.contract.plan_io import dump_plan, load_plan
+    from forge.host.mounts import output_dir
     from forge.host.queue.jobs import RetryPolicy, requirements_of
     from forge.host.queue.store import open_store
     from forge.host.render import out_console
@@ -249,7 +250,7 @@ def submit(
     needs = requirements_of(plan_)
     job = open_store(queue).submit(
         name=name or f"{plan_.model.name} {plan_.goal}", steps=steps, plan_path=str(config.resolve()),
-        plan_yaml=dump_plan(plan_), output_dir=str(_out_dir(config)), requirements=needs, priority=priority,
+        plan_yaml=dump_plan(plan_), output_dir=str(output_dir(plan_, config.resolve().parent)), requirements=needs, priority=priority,
         retry=RetryPolicy(max_restarts=max_restarts, **({"retry_on": retry_on} if retry_on else {})))
     if as_json:
         typer.echo(json.dumps({"id": job.id, "state": job.state, "requirements": needs.model_dump()}))
@@ -362,7 +363,7 @@ def agent(
     def say(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    runner = Agent(open_store(queue), _NoGpu("--cpu was given") if cpu else NvmlProvider(), settings, gpu, say)
+    runner = Agent(open_store(queue), _NoGpu() if cpu else NvmlProvider(), settings, gpu, say)
     code = runner.serve(once=once)
     if once and code:
         raise typer.Exit(code)
@@ -428,13 +429,10 @@ def _print_json(step: str, status: str, exit_code: int, paths: dict | None = Non
 
 
 class _NoGpu:
-    def __init__(self, why: str = "--cpu was given") -> None:
-        self.why = why
-
     def report(self):
         from forge.host.detect import GpuReport
 
-        return GpuReport(problem=self.why)
+        return GpuReport(problem="--cpu was given")
 
 
 def version_callback(value: bool) -> None:

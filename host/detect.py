@@ -11,7 +11,7 @@ from typing import Protocol
 
 import psutil
 
-from forge.contract.compat import arch_for
+from forge.contract.compat import arch_for, parse_version
 from forge.contract.plan import Gpu, Hardware
 from forge.errors import HardwareError
 
@@ -94,7 +94,7 @@ def _text(value: str | bytes) -> str:
 
 def arm64_only(compute_capability: str) -> str | None:
     """The integrated (Jetson / DRIVE) parts with their own compute capabilities: arm64 boards only."""
-    major, minor = (int(part) for part in compute_capability.split("."))
+    major, minor = parse_version(compute_capability)
     if (major, minor) in ((7, 2), (8, 7)):
         return "a Jetson (Xavier/Orin) module"
     if major == 11:

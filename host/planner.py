@@ -182,17 +182,30 @@ def _estimator(shape: Shape, hardware: Hardware, dtype: str, targets: list[str],
     return peak
 
 
+def _plan_estimator(plan: Plan):
+    """The estimator for a written plan's model, machine and LoRA setup, or None when the shape is unknown."""
+    _, entry, source = catalog.resolve_model(plan.model.name if plan.model.source.kind != "local"
+                                             else plan.model.source.path)
+    shape = catalog.shape_of(entry, source)
+    if shape is None:
+        return None
+    t = plan.train
+    return _estimator(shape, plan.hardware, t.dtype, t.lora.target_modules, t.lora.r, plan.prepare.max_length)
+
+
+def planned_peak(plan: Plan) -> Breakdown | None:
+    """The estimate for the settings the plan holds, or None when the model's shape is unknown."""
+    peak, t = _plan_estimator(plan), plan.train
+    return None if peak is None else peak(t.quantization, t.micro_batch_size, t.gradient_checkpointing)
+
+
 def explain(plan: Plan) -> tuple[list[tuple[str, Breakdown]], float, str]:
     """The planned run's memory breakdown next to the alternatives the planner weighed, and the budget."""
-    name, entry, source = catalog.resolve_model(plan.model.name if plan.model.source.kind != "local"
-                                                else plan.model.source.path)
-    shape = catalog.shape_of(entry, source)
     budget, where = memory_budget(plan.hardware)
-    if shape is None:
+    peak = _plan_estimator(plan)
+    if peak is None:
         return [], budget, where
     t = plan.train
-    peak = _estimator(shape, plan.hardware, t.dtype, t.lora.target_modules, t.lora.r, plan.prepare.max_length)
-
     label = f"planned: {t.quantization if t.quantization != 'none' else t.dtype}, micro {t.micro_batch_size}" + (
         ", checkpointing" if t.gradient_checkpointing else "")
     columns = [(label, peak(t.quantization, t.micro_batch_size, t.gradient_checkpointing))]

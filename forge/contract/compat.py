@@ -11,7 +11,8 @@ from __future__ import annotations
 ARCH_CAPABILITIES = {"ampere": ("8.0", "8.6"), "ada": ("8.9",), "hopper": ("9.0",), "blackwell": ("10.0", "12.0")}
 
 
-def _version(text: str) -> tuple[int, int]:
+def parse_version(text: str) -> tuple[int, int]:
+    """'8.9' -> (8, 9); '12' -> (12, 0): compute capabilities and CUDA versions, comparable as tuples."""
     major, _, minor = text.partition(".")
     return int(major), int(minor or 0)
 
@@ -19,15 +20,15 @@ def _version(text: str) -> tuple[int, int]:
 def arch_for(compute_capability: str) -> str | None:
     """The Forge image family built for a compute capability (its class, not mere binary compatibility:
     an 8.9 card gets the Ada image, though Ampere's 8.6 code would run on it), or None."""
-    major, minor = _version(compute_capability)
+    major, minor = parse_version(compute_capability)
     if major == 8:
         return {0: "ampere", 6: "ampere", 9: "ada"}.get(minor)  # 8.7 is Jetson Orin: arm64 only
     return {9: "hopper", 10: "blackwell", 12: "blackwell"}.get(major)
 
 
 def covers(capabilities, compute_capability: str) -> bool:
-    major, minor = _version(compute_capability)
-    return any(m == major and n <= minor for m, n in map(_version, capabilities))
+    major, minor = parse_version(compute_capability)
+    return any(m == major and n <= minor for m, n in map(parse_version, capabilities))
 
 
 def image_problem(image_arch: str, capabilities, image_cuda: str, gpus: list[tuple[str, str]],
@@ -40,7 +41,7 @@ def image_problem(image_arch: str, capabilities, image_cuda: str, gpus: list[tup
                    "with `forge plan`." if right else "No Forge image supports this GPU; plan for the CPU with --cpu.")
             return (f"The {image_arch} image has code for compute capability {', '.join(capabilities)}; "
                     f"{name} is {capability}.", fix)
-    if image_cuda not in ("", "none") and driver_cuda and _version(driver_cuda) < _version(image_cuda):
+    if image_cuda not in ("", "none") and driver_cuda and parse_version(driver_cuda) < parse_version(image_cuda):
         return (f"The {image_arch} image uses CUDA {image_cuda}; this NVIDIA driver supports CUDA up to {driver_cuda}.",
                 f"Update the NVIDIA driver to one that supports CUDA {image_cuda} or newer.")
     return None

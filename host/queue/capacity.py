@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from forge.contract.compat import ARCH_CAPABILITIES, covers
+from forge.contract.compat import ARCH_CAPABILITIES, covers, parse_version
 from forge.contract.plan import Hardware, Plan
 from forge.host.queue.jobs import Requirements, compute_key
 
 
 def gfd_family(capability: str) -> str:
     """GPU Feature Discovery's `nvidia.com/gpu.family` value."""
-    major, minor = (int(part) for part in capability.split("."))
+    major, minor = parse_version(capability)
     families = {5: "maxwell", 6: "pascal", 7: "volta" if minor < 5 else "turing",
                 8: "ampere" if minor < 9 else "ada-lovelace", 9: "hopper", 10: "blackwell", 12: "blackwell"}
     return families.get(major, "undefined")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from forge.contract import compat
 from forge.contract.plan import Arch, Plan, Strict
 from forge.errors import ForgeError
 
@@ -66,15 +67,15 @@ class Job:
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
-    def next_state(self, exit_code: int) -> State:
-        """After an attempt ended with this code: done, back on the queue, or failed for good."""
+    def next_state(self, exit_code: int | None) -> State:
+        """After an attempt ended with this code (None: its agent was lost, which is always worth a restart):
+        done, back on the queue, or failed for good."""
         if self.cancel_requested:
             return "cancelled"
         if exit_code == 0:
             return "succeeded"
-        if exit_code in self.retry.retry_on and self.attempts <= self.retry.max_restarts:
-            return "queued"
-        return "failed"
+        retryable = exit_code is None or exit_code in self.retry.retry_on
+        return "queued" if retryable and self.attempts <= self.retry.max_restarts else "failed"
 
 
 def requirements_of(plan: Plan) -> Requirements:
@@ -83,7 +84,7 @@ def requirements_of(plan: Plan) -> Requirements:
     hardware = plan.hardware
     if hardware.accelerator == "cpu":
         return Requirements(accelerator="cpu", arch="cpu")
-    lowest = min((gpu.compute_capability for gpu in hardware.gpus), key=compute_key)
+    lowest = min((gpu.compute_capability for gpu in hardware.gpus), key=compat.parse_version)
     return Requirements(accelerator="cuda", arch=plan.image.arch, min_compute_capability=lowest,
                         min_free_vram_mib=_planned_peak_mib(plan), gpu_count=len(hardware.gpus))
 
@@ -91,18 +92,18 @@ def requirements_of(plan: Plan) -> Requirements:
 def _planned_peak_mib(plan: Plan) -> int:
     """The planner's estimate for the planned batches, with its headroom; the planned free memory when the
     model's shape is unknown (e.g. a local model not visible from here)."""
-    from forge.host.planner import HEADROOM, explain
+    from forge.host.planner import HEADROOM, planned_peak
 
     try:
-        columns, _, _ = explain(plan)
+        peak = planned_peak(plan)
     except ForgeError:
-        columns = []
-    if not columns:
+        peak = None
+    if peak is None:
         return min(gpu.memory_free_mib for gpu in plan.hardware.gpus)
-    return int(columns[0][1].total / HEADROOM / 1024**2) + 1
+    return int(peak.total / HEADROOM / 1024**2) + 1
 
 
 def compute_key(capability: str) -> int:
     """8.9 -> 89, 10.0 -> 100: compute capabilities in an order SQL can compare."""
-    major, _, minor = capability.partition(".")
-    return int(major) * 10 + int(minor or 0)
+    major, minor = compat.parse_version(capability)
+    return major * 10 + minor

@@ -44,7 +44,6 @@ SCHEMA = (
         submitted_at DOUBLE PRECISION NOT NULL,
         submitted_by TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
-        max_restarts INTEGER NOT NULL,
         agent TEXT,
         lease_token TEXT,
         lease_expires DOUBLE PRECISION,
@@ -114,8 +113,7 @@ class Store:
                    req_accelerator=requirements.accelerator, req_arch=requirements.arch,
                    req_compute=compute_key(requirements.min_compute_capability or "0.0"),
                    req_vram_mib=requirements.min_free_vram_mib, req_gpus=requirements.gpu_count,
-                   priority=priority, submitted_by=f"{getpass.getuser()}@{socket.gethostname()}",
-                   max_restarts=retry.max_restarts)
+                   priority=priority, submitted_by=f"{getpass.getuser()}@{socket.gethostname()}")
         with self._tx() as run:
             run(f"INSERT INTO forge_jobs ({', '.join(row)}, submitted_at, seq) "
                 f"VALUES ({', '.join(':' + key for key in row)}, {self.dialect.now}, "
@@ -223,20 +221,18 @@ class Store:
         """Jobs whose agent stopped renewing its lease go back on the queue (or fail, when out of restarts)."""
         now = self.dialect.now
         with self._tx() as run:
-            expired = run(f"SELECT id, attempts, max_restarts, cancel_requested, agent FROM forge_jobs WHERE "
-                          f"state = 'running' AND lease_expires < {now} {self.dialect.skip_locked}")
+            expired = [_job(row) for row in run(f"SELECT {_JOB_COLUMNS} FROM forge_jobs WHERE state = 'running' "
+                                                f"AND lease_expires < {now} {self.dialect.skip_locked}")]
             moved = []
-            for row in expired:
-                state = ("cancelled" if row["cancel_requested"] else
-                         "queued" if row["attempts"] <= row["max_restarts"] else "failed")
-                error = None if state != "failed" else f"agent {row['agent']} was lost and no restarts are left"
+            for job in expired:
+                state = job.next_state(None)
+                error = None if state != "failed" else f"agent {job.agent} was lost and no restarts are left"
                 run(f"UPDATE forge_jobs SET state = :state, error = :error, lease_token = NULL, lease_expires = NULL, "
                     f"finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE {now} END WHERE id = :id",
-                    {"state": state, "error": error, "id": row["id"]})
-                self._note(run, row["id"], row["attempts"],
-                           f"Agent {row['agent']} stopped renewing its lease: job {state}.")
-                run("UPDATE forge_agents SET state = 'lost', job_id = NULL WHERE id = :agent", {"agent": row["agent"]})
-                moved.append((row["id"], state))
+                    {"state": state, "error": error, "id": job.id})
+                self._note(run, job.id, job.attempts, f"Agent {job.agent} stopped renewing its lease: job {state}.")
+                run("UPDATE forge_agents SET state = 'lost', job_id = NULL WHERE id = :agent", {"agent": job.agent})
+                moved.append((job.id, state))
         return moved
 
     def register_agent(self, agent_id: str, name: str, capacity: Capacity, state: str, job_id: str | None) -> None:
