@@ -99,3 +99,37 @@ def test_workers_die_with_a_runner_killed_by_sigkill():
         assert not alive, f"orphaned workers: {alive}"
     finally:
         runner.kill()
+
+
+class _Halves:
+    """A two-stage task: the first half keeps state in its worker, the second half needs it."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, int] = {}
+
+    def first(self, x: int) -> int:
+        time.sleep(0.001 * (x % 3))
+        self.kept[x] = os.getpid()
+        return x * x
+
+    def second(self, task: tuple[int, int]) -> tuple[int, int, bool]:
+        x, running_total = task
+        return x, running_total, self.kept.pop(x) == os.getpid()  # the same worker ran both halves
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipelined_halves_run_in_one_worker_with_the_middle_here_in_order(workers):
+    from forge.runner.parallel import pipelined_map
+
+    halves, seen, total = _Halves(), [], 0
+
+    def between(context: int, square: int) -> tuple[int, int]:
+        nonlocal total
+        seen.append(context)
+        total += square  # state of this process's own, updated strictly in input order
+        return context, total
+
+    out = list(pipelined_map(halves.first, between, halves.second, ((i, i) for i in range(40)), workers, in_flight=6))
+    assert seen == list(range(40))
+    assert [context for context, _ in out] == list(range(40))
+    assert [result for _, result in out] == [(i, sum(j * j for j in range(i + 1)), True) for i in range(40)]

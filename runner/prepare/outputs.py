@@ -17,7 +17,7 @@ from forge.runner.durable import fsync
 from forge.runner.hashing import sha256_file
 from forge.runner.prepare.pack import pack
 from forge.runner.prepare.stats import ShardStats, report, summary_text
-from forge.runner.prepare.steps import Row, Shard, audit_line, line_json
+from forge.runner.prepare.steps import Row, Shard, line_json
 
 SPLITS = ("train", "val", "test")
 REMOVAL_FILES = {"rejected": "rejects", "duplicates": "duplicates", "dropped": "dropped"}
@@ -46,7 +46,7 @@ def write_shard(work: Path, shard: Shard, spec: PrepareSpec) -> None:
         removals[row.removal.kind].append(line_json(_removal_record(row)))
     for kind, lines in removals.items():
         _write_lines(folder / f"{REMOVAL_FILES[kind]}-{tag}.jsonl", lines)
-    _write_lines(folder / f"audit-{tag}.jsonl", [audit_line(row) for row in shard.rows])
+    _write_lines(folder / f"audit-{tag}.jsonl", [row.audit_json for row in shard.rows])
     _write_lines(folder / f"compliance-{tag}.jsonl", [
         json.dumps({"id": row.id, "source": row.source, "line": row.line, "action": row.action,
                     "findings": [asdict(f) for f in row.findings]}, sort_keys=True)

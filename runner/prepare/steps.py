@@ -52,7 +52,7 @@ class Row:
     action: str = "keep"  # what the findings decided: keep | drop | fail
     length: str | None = None  # truncated | split | dropped
     stratum: str = ""
-    audit_json: str = ""  # the audit log line, rendered where the row was finished (a worker)
+    audit_json: str = ""  # `audit_line`, rendered where the row was finished (a worker)
 
     def remove(self, kind: str, reason: str, detail: str = "", duplicate_of: str | None = None) -> None:
         self.removal = Removal(kind, reason, detail, duplicate_of)
@@ -248,5 +248,5 @@ line_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 
 
 def audit_line(row: Row) -> str:
-    return row.audit_json or line_json({"id": row.id, "source": row.source, "line": row.line,
-                                        "input_hash": row.input_hash, "steps": row.audit})
+    return line_json({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_hash,
+                      "steps": row.audit})

@@ -81,8 +81,6 @@ class Stages:
         live = steps.fit_template(live, self.template)
         live = steps.tokenize(live, self.encoder, self.spec)
         steps.assign_split(live, self.spec)
-        for row in parsed:
-            row.messages = []  # read by no output: not worth sending back
-        for row in rows:  # the audit line is final now: render it here, not in the runner, which is busier
-            row.audit_json, row.audit = steps.audit_line(row), []
+        for row in rows:  # messages are read by no output; the audit line is final now: render it here, not in
+            row.messages, row.audit_json, row.audit = [], steps.audit_line(row), []  # the busier runner
         return rows
