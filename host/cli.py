@@ -268,9 +268,15 @@ def jobs_list(
 ) -> None:
     """The newest jobs: state, requirements, agent and attempts."""
     import time
+    from typing import get_args
 
+    from forge.host.queue.jobs import State
     from forge.host.queue.store import open_store
     from forge.host.render import jobs_table
+
+    unknown = sorted(set(state or []) - set(get_args(State)))
+    if unknown:
+        raise typer.BadParameter(f"{', '.join(unknown)}: use {', '.join(get_args(State))}", param_hint="--state")
 
     found = open_store(queue).jobs(state, limit)
     if as_json:

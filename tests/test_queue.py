@@ -341,6 +341,8 @@ def test_submit_refuses_bad_input_clearly(tmp_path):
     assert missing.returncode == 2 and "No plan at" in missing.stderr and "Traceback" not in missing.stderr
     bad_step = run_cli("submit", "--step", "deploy", "--queue", url)
     assert bad_step.returncode == 2 and "use prepare, train or both" in bad_step.stderr
+    bad_state = run_cli("jobs", "list", "--state", "done", "--queue", url)
+    assert bad_state.returncode == 2 and "done: use queued, running, succeeded, failed, cancelled" in bad_state.stderr
     unknown = run_cli("jobs", "show", "j-nothing", "--queue", url)
     assert unknown.returncode == 8 and "No job 'j-nothing'" in unknown.stderr
     agent = run_cli("agent", "--queue", url, "--lease", "5", "--heartbeat", "2")
