@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,9 @@ from forge.contract.plan_io import atomic_write_text
 from forge.runner.durable import fsync
 from forge.runner.hashing import sha256_file
 from forge.runner.prepare.pack import pack
+from forge.runner.prepare.parts import REMOVAL_FILES, SPLITS, Columns, Shard, join_tokens
 from forge.runner.prepare.stats import ShardStats, report, summary_text
-from forge.runner.prepare.steps import Row, Shard, line_json
-
-SPLITS = ("train", "val", "test")
-REMOVAL_FILES = {"rejected": "rejects", "duplicates": "duplicates", "dropped": "dropped"}
+from forge.runner.prepare.tokenize import Encoded
 
 
 def splits_of(spec: PrepareSpec) -> list[str]:
@@ -31,74 +28,66 @@ def write_shard(work: Path, shard: Shard, spec: PrepareSpec) -> None:
     folder = work / "shards"
     folder.mkdir(exist_ok=True)
     tag = f"{shard.index:05d}"
-    kept = shard.kept()
     for split in splits_of(spec):
-        examples = [(row, example) for row in kept if row.split == split for example in row.examples]
+        columns = shard.examples[split]
         if spec.packing:
-            records = pack([(row.id, example) for row, example in examples], spec.max_length)
+            input_ids, labels = columns.tokens()
+            cuts = np.cumsum(columns.lengths)[:-1]
+            examples = [(row_id, Encoded(ids, labels)) for row_id, ids, labels in
+                        zip(columns.row_ids, np.split(input_ids, cuts), np.split(labels, cuts))]
+            table = _packed_table(pack(examples, spec.max_length))
         else:
-            records = [_example_record(row, example, n, len(row.examples)) for n, (row, example) in
-                       enumerate(examples)]
-        shard.stats.sequences += len(records)
-        _write_parquet(folder / f"{split}-{tag}.parquet", records, spec.packing)
-    removals = {kind: [] for kind in REMOVAL_FILES}
-    for row in shard.removed:
-        removals[row.removal.kind].append(line_json(_removal_record(row)))
-    for kind, lines in removals.items():
-        _write_lines(folder / f"{REMOVAL_FILES[kind]}-{tag}.jsonl", lines)
-    _write_lines(folder / f"audit-{tag}.jsonl", [row.audit_json for row in shard.rows])
-    _write_lines(folder / f"compliance-{tag}.jsonl", [
-        json.dumps({"id": row.id, "source": row.source, "line": row.line, "action": row.action,
-                    "findings": [asdict(f) for f in row.findings]}, sort_keys=True)
-        for row in shard.findings
-    ])
+            table = _examples_table(columns)
+        shard.stats.sequences += table.num_rows
+        _write_parquet(folder / f"{split}-{tag}.parquet", table)
+    for name, lines in shard.lines.items():
+        _write_lines(folder / f"{name}-{tag}.jsonl", lines)
     fsync(folder)
 
 
-def _example_record(row: Row, example, n: int, of: int) -> dict:
-    return {"id": row.id if of == 1 else f"{row.id}#{n}", "source": row.source, "line": row.line,
-            "tags": _tags_json(row.tags), "input_ids": example.input_ids, "labels": example.labels,
-            "length": len(example.input_ids)}
-
-
-_tags_json = json.JSONEncoder(sort_keys=True).encode
-
-
-def _removal_record(row: Row) -> dict:
-    removal = row.removal
-    record = {"id": row.id, "file": row.source, "line": row.line, "reason": removal.reason}
-    if removal.detail:
-        record["detail"] = removal.detail
-    if removal.duplicate_of:
-        record["duplicate_of"] = removal.duplicate_of
-    return record
-
-
-def _write_parquet(path: Path, records: list[dict], packed: bool) -> None:
+def _examples_table(columns: Columns):
     import pyarrow as pa
+
+    input_ids, labels = columns.tokens()
+    offsets = _offsets(columns.lengths)
+    return pa.table({
+        "id": pa.array(columns.ids, pa.string()), "source": pa.array(columns.sources, pa.string()),
+        "line": pa.array(columns.lines, pa.int64()), "tags": pa.array(columns.tags, pa.string()),
+        "input_ids": _int_lists(offsets, input_ids), "labels": _int_lists(offsets, labels),
+        "length": pa.array(columns.lengths, pa.int32())})
+
+
+def _packed_table(sequences: list[dict]):
+    import pyarrow as pa
+
+    offsets = _offsets([len(s["input_ids"]) for s in sequences])
+    counts = _offsets([len(s["seq_lengths"]) for s in sequences])
+    return pa.table({
+        "ids": pa.array([s["ids"] for s in sequences], pa.list_(pa.string())),
+        **{name: _int_lists(offsets, join_tokens([s[name] for s in sequences]))
+           for name in ("input_ids", "labels", "position_ids")},
+        "seq_lengths": _int_lists(counts, join_tokens([s["seq_lengths"] for s in sequences]))})
+
+
+def _write_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    ints = pa.list_(pa.int32())
-    fields = ([("ids", pa.list_(pa.string())), ("input_ids", ints), ("labels", ints), ("position_ids", ints),
-               ("seq_lengths", ints)] if packed else
-              [("id", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("tags", pa.string()),
-               ("input_ids", ints), ("labels", ints), ("length", pa.int32())])
-    columns = {name: _int_lists([r[name] for r in records]) if kind == ints else
-               pa.array([r[name] for r in records], type=kind) for name, kind in fields}
-    table = pa.table(columns, schema=pa.schema(fields))
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     fsync(tmp)
     os.replace(tmp, path)
 
 
-def _int_lists(arrays: list[np.ndarray]):
+def _offsets(lengths: list[int]) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(np.asarray(lengths, dtype=np.int32), out=offsets[1:])
+    return offsets
+
+
+def _int_lists(offsets: np.ndarray, values: np.ndarray):
     """A list<int32> column straight from numpy arrays (no Python int per token)."""
     import pyarrow as pa
 
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, arrays), dtype=np.int32, count=len(arrays)), out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
     return pa.ListArray.from_arrays(_int32s(offsets), _int32s(values))
 
 

@@ -30,6 +30,7 @@ from forge.runner.parallel import pipelined_map
 from forge.runner.resources import container_peak_mb, peak_rss_mb, usable_cpus
 from forge.runner.prepare import steps
 from forge.runner.prepare.outputs import assemble, write_shard
+from forge.runner.prepare.parts import Shard
 from forge.runner.prepare.sources import RawRecord, count_records, read_records
 from forge.runner.prepare.stats import ShardStats
 from forge.runner.prepare.work import Chunk, Source, Stages
@@ -143,17 +144,16 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
             return chunk.number, verdicts
 
         shard = None
-        for chunk, rows in pipelined_map(stages.parse, check, stages.finish, tasks(), workers, in_flight=8 * workers):
+        for chunk, part in pipelined_map(stages.parse, check, stages.finish, tasks(), workers, in_flight=8 * workers):
             if shard is None:
                 stop.check()
-                shard = steps.Shard(chunk.shard)
-            for row in rows:
-                shard.account(row)
+                shard = Shard(chunk.shard)
+            shard.add(part)
             if chunk.last:
                 _finish(shard, work_dir, db, spec, chunk.seq)
                 totals.merge(shard.stats)
                 shard = None
-            advance(len(rows), shard and shard.stats)
+            advance(part.stats.rows_in, shard and shard.stats)
         total_rows.wait()
         advance(0, force=True)  # the last update, with the total
         progress.summary = {"rows": totals.rows_in, "workers": workers, **_rates(totals.rows_in, started, totals)}
@@ -191,7 +191,7 @@ def _quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def _finish(shard: steps.Shard, work: Path, db: sqlite3.Connection, spec, dedup_seq: int) -> None:
+def _finish(shard: Shard, work: Path, db: sqlite3.Connection, spec, dedup_seq: int) -> None:
     stats = shard.stats
     if stats.accounted() != stats.rows_in:
         raise AssertionError(f"shard {shard.index}: {stats.accounted()} rows accounted for, {stats.rows_in} read")

@@ -1,7 +1,7 @@
 """The per-row steps of prepare, in order: parse → clean → dedup → PII → compliance → template → tokenize
 → split. Each takes live rows and returns those it keeps; a row it removes gets its `removal` (kind, reason)
-and leaves the stream. Steps record what happened on the row and count nothing: `Shard.account` derives
-every count from the rows, in one place, so the accounting identity holds by construction.
+and leaves the stream. Steps record what happened on the row and count nothing: `Part.account` (parts.py)
+derives every count from the rows, in one place, so the accounting identity holds by construction.
 
 Every step but dedup's check is a pure function of its row, which is what lets worker processes run them
 (see `work.py`) while that check, the one step that depends on the rows before it, runs in input order.
@@ -14,11 +14,9 @@ import json
 from dataclasses import dataclass, field
 
 from forge.contract.plan import PrepareSpec
-from forge.errors import DataError
 from forge.runner.prepare.clean import clean_messages
 from forge.runner.prepare.rows import FORMATS, Invalid, detect_format, to_conversation
 from forge.runner.prepare.sources import RawRecord, decode
-from forge.runner.prepare.stats import ShardStats
 from forge.runner.prepare.tokenize import Encoded, apply_length_policy
 
 
@@ -52,63 +50,10 @@ class Row:
     action: str = "keep"  # what the findings decided: keep | drop | fail
     length: str | None = None  # truncated | split | dropped
     stratum: str = ""
-    audit_json: str = ""  # `audit_line`, rendered where the row was finished (a worker)
 
     def remove(self, kind: str, reason: str, detail: str = "", duplicate_of: str | None = None) -> None:
         self.removal = Removal(kind, reason, detail, duplicate_of)
         self.audit.append({"step": kind, "reason": reason, **({"duplicate_of": duplicate_of} if duplicate_of else {})})
-
-
-class Shard:
-    """Rows of one shard and everything that happened to them."""
-
-    def __init__(self, index: int) -> None:
-        self.index, self.stats = index, ShardStats()
-        self.rows: list[Row] = []
-        self.removed: list[Row] = []
-        self.findings: list[Row] = []  # rows with compliance findings
-
-    def account(self, row: Row) -> None:
-        """Count one finished row, in input order. A compliance `fail` fails the run here, at the first
-        such row in input order, whatever the worker that found it."""
-        stats = self.stats
-        stats.rows_in += 1
-        self.rows.append(row)
-        stats.normalized += row.normalized
-        stats.checked += row.checked
-        for entity in row.pii:
-            stats.pii[entity] += 1
-        for finding in row.findings:
-            stats.compliance[f"{finding.category}:{finding.severity}"] += 1
-        if row.findings:
-            self.findings.append(row)
-        if row.action == "fail":
-            worst = max(row.findings, key=lambda f: ("low", "medium", "high").index(f.severity))
-            raise DataError(
-                f"Compliance check {worst.check} failed the run at row {row.id} ({row.source}:{row.line}): "
-                f"{worst.category}, severity {worst.severity}.",
-                "Fix or remove the row, or change prepare.compliance.on to flag or drop this severity.",
-            )
-        if row.length:
-            stats.length[row.length] += 1
-        if row.removal:
-            getattr(stats, row.removal.kind)[row.removal.reason] += 1
-            self.removed.append(row)
-            return
-        stats.kept += 1
-        for key, value in row.tags.items():
-            stats.tags[f"{key}={value}"] += 1
-        for example in row.examples:
-            tokens = len(example.input_ids)
-            stats.examples += 1
-            stats.splits[row.split] += 1
-            stats.split_tokens[row.split] += tokens
-            stats.add_length(tokens)
-            if row.stratum:
-                stats.strata[f"{row.stratum}/{row.split}"] += 1
-
-    def kept(self) -> list[Row]:
-        return [row for row in self.rows if row.removal is None]
 
 
 def make_row(source: str, file_hash: str, record: RawRecord, fmt: str, tags: dict[str, str]) -> Row:
@@ -190,7 +135,7 @@ def comply(rows: list[Row], checks, on: dict) -> list[Row]:
             row.remove("dropped", "compliance_policy")
         elif row.action == "keep":
             kept.append(row)
-        # "fail" leaves the stream here; `Shard.account` fails the run at the first such row in input order
+        # "fail" leaves the stream here; the run fails at the first such row in input order (parts.py)
     return kept
 
 

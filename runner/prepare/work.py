@@ -11,6 +11,7 @@ from pathlib import Path
 
 from forge.contract.plan import Plan
 from forge.runner.prepare import steps
+from forge.runner.prepare.parts import Part
 from forge.runner.prepare.sources import RawRecord
 
 
@@ -39,8 +40,9 @@ class Stages:
     """The per-row work of a chunk, in two halves around dedup, both run by the same worker process (forked
     after this is built, so the tokenizer and compiled templates are shared, not pickled):
     `parse` makes the rows and sketches them for dedup and keeps them; `finish` takes dedup's verdicts and
-    runs the steps after it (PII, compliance, template fit, tokenize, split). Only the records, the
-    sketches, the verdicts and the finished rows cross between processes."""
+    runs the steps after it (PII, compliance, template fit, tokenize, split) and lays the rows out as their
+    output files want them. Only the records, the sketches, the verdicts and those parts cross between
+    processes."""
 
     def __init__(self, plan: Plan, model_dir: Path) -> None:
         from forge.runner.prepare.compliance import load_checks
@@ -66,8 +68,8 @@ class Stages:
         sketches = self.sketcher.sketch([steps.dedup_text(row) for row in parsed]) if self.sketcher and parsed else None
         return [row.id for row in parsed], sketches
 
-    def finish(self, task: tuple[int, list]) -> list[steps.Row]:
-        """Every row of the chunk, in order, with what happened to it."""
+    def finish(self, task: tuple[int, list]) -> Part:
+        """The chunk's rows finished, counted and laid out for writing."""
         number, verdicts = task
         rows, parsed = self.held.pop(number)
         unique = []
@@ -81,6 +83,4 @@ class Stages:
         live = steps.fit_template(live, self.template)
         live = steps.tokenize(live, self.encoder, self.spec)
         steps.assign_split(live, self.spec)
-        for row in rows:  # messages are read by no output; the audit line is final now: render it here, not in
-            row.messages, row.audit_json, row.audit = [], steps.audit_line(row), []  # the busier runner
-        return rows
+        return Part.of(rows)
