@@ -64,6 +64,29 @@ def test_the_longest_phrase_wins():
     assert list(lexicon.terms_in("fuck you, piece of shit")) == ["fuck you", "piece of shit"]
 
 
+def test_the_word_lookup_before_the_scan_never_misses_a_term():
+    """Lexicon skips an ASCII text lacking a word of every term; on texts built from the terms' own words,
+    cut and joined every which way, it must find exactly what the regex scan alone finds."""
+    import random
+    import re
+
+    from forge.runner.prepare.compliance import _trie_pattern
+
+    terms = {**builtin_lexicon("bias"), **builtin_lexicon("toxicity"), "c++": "low", "x_1": "low"}
+    lexicon = Lexicon(terms)
+    scan = re.compile(rf"(?<!\w)(?:{_trie_pattern(terms)})(?!\w)")
+    words = sorted({word for term in terms for word in re.findall(r"\w+|\S", term)} | {"the", "a", "ok", "9"})
+    glue = [" ", "  ", "\n", ", ", ". ", "-", "'", "’", "", "_", "!"]
+    rng, hits = random.Random(7), 0
+    for _ in range(5000):
+        parts = [rng.choice(words).upper() if rng.random() < 0.2 else rng.choice(words) for _ in range(rng.randint(1, 12))]
+        text = "".join(part + rng.choice(glue) for part in parts)
+        expected = scan.findall(text.lower())
+        hits += bool(expected)
+        assert len(lexicon.terms_in(text)) == len(expected), text
+    assert hits > 200  # the texts did contain terms
+
+
 # --- built-in checks --------------------------------------------------------------------------------------
 
 

@@ -126,15 +126,36 @@ def _node_pattern(node: dict[str, dict]) -> str:
 
 
 class Lexicon:
-    """Terms with severities, matched as whole words or phrases, case-insensitively, by one regex."""
+    """Terms with severities, matched as whole words or phrases, case-insensitively, by one regex.
+
+    Most texts contain no term, and the regex tries every position; an ASCII text first has its words
+    looked up: a term can match only where each of its words (\\w runs) is a whole word of the text, so a
+    text lacking one word of every term is skipped, which is about twice as fast as the scan."""
 
     def __init__(self, severities: Mapping[str, str]) -> None:
         self.severities = dict(severities)
         self._pattern = re.compile(rf"(?<!\w)(?:{_trie_pattern(self.severities)})(?!\w)")
+        self._term_words = [frozenset(word.encode() for word in re.findall(r"\w+", term)) for term in self.severities]
+        self._words = frozenset().union(*self._term_words) if all(self._term_words) else None  # else: always scan
 
     def terms_in(self, text: str) -> list[str]:
-        found = self._pattern.findall(text.lower())
+        lowered, words = _ascii_words(text)
+        if words is not None and self._words is not None:
+            present = self._words.intersection(words)
+            if not present or not any(needed <= present for needed in self._term_words):
+                return []
+        found = self._pattern.findall(lowered)
         return [_normal(term) for term in found] if found else found
+
+
+_NOT_WORD = bytes(c if c < 128 and (chr(c).isalnum() or chr(c) == "_") else 32 for c in range(256))
+
+
+@lru_cache(maxsize=8)  # each lexicon check reads the same few messages in turn
+def _ascii_words(text: str) -> tuple[str, list[bytes] | None]:
+    """The lower-cased text and, when it is ASCII, its \\w runs (as `re` sees them in ASCII text)."""
+    lowered = text.lower()
+    return lowered, lowered.encode().translate(_NOT_WORD).split() if lowered.isascii() else None
 
 
 # --- built-in checks --------------------------------------------------------------------------------------
