@@ -248,6 +248,55 @@ def test_render_uses_the_environment_apply_chat_template_uses():
         render(PROBE, [*messages, assistant()])
 
 
+def test_the_environment_is_transformers_own():
+    """Built from jinja2 (importing transformers costs 0.7 s), so held to transformers' setting by setting."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from forge.runner.prepare.templates import environment
+
+    ours, theirs = environment(), _compile_jinja_template(PROBE).environment
+    assert type(ours) is type(theirs)
+    assert (ours.trim_blocks, ours.lstrip_blocks, ours.autoescape) == (theirs.trim_blocks, theirs.lstrip_blocks,
+                                                                       theirs.autoescape)
+    assert set(ours.globals) == set(theirs.globals) and set(ours.filters) == set(theirs.filters)
+    assert {tag for ext in ours.extensions.values() for tag in ext.tags} == \
+        {tag for ext in theirs.extensions.values() for tag in ext.tags}
+    value = {"b": ["é", 1], "a": None}
+    for options in ({}, {"indent": 2}, {"sort_keys": True, "separators": (",", ":")}, {"ensure_ascii": True}):
+        assert ours.filters["tojson"](value, **options) == theirs.filters["tojson"](value, **options)
+
+
+GENERATION = """{% for message in messages %}{{ message['role'] }}: {% if message['role'] == 'assistant' %}\
+{% generation %}{{ message['content'] }}{% set inner = 1 %}{{ loop.index }}{% endgeneration %}\
+{% else %}{{ message['content'] }}{% endif %}{{ inner | default('-') }}
+{% endfor %}{{ dict(a=1) | tojson }}"""
+
+
+@pytest.mark.parametrize("template", [GENERATION, "{% set ns = namespace(_x=1) %}", "{{ ''.__class__.__mro__ }}",
+                                      "{% set ns = namespace() %}{% set ns._y = 2 %}{{ ns._y }}",
+                                      "{{ dict.fromkeys(['a']) }}{{ strftime_now('%Y') | length }}"])
+def test_generation_blocks_and_the_sandbox_behave_as_in_apply_chat_template(template):
+    tokenizer = _tiny_tokenizer(TOKENS["chatml"])
+    messages = [user("hi"), assistant("yo"), user("more"), assistant("ok")]
+    try:
+        expected = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except jinja2.TemplateError as error:
+        with pytest.raises(type(error)):
+            render(template, messages)
+    else:
+        assert render(template, messages) == expected
+
+
+def test_rendering_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from forge.runner.prepare.templates import render, template_text; "
+            "render(template_text('chatml'), [{'role': 'user', 'content': 'x'}]); "
+            "print('transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
 def test_every_named_template_ships_with_an_official_fixture_and_traits():
     assert {path.stem for path in OURS.glob("*.jinja")} == set(NAMED)
     assert {path.stem for path in OFFICIAL.glob("*.jinja")} == set(NAMED)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-from forge.errors import ConfigError, ForgeError
+from forge.errors import ConfigError
 
 NAMED: tuple[str, ...] = ("chatml", "llama-2", "llama-3", "alpaca", "gemma", "mistral", "phi-3", "qwen")
 
@@ -92,38 +92,81 @@ def misfit(spec: str, messages: list[dict[str, str]]) -> str | None:
 
 
 def render(text: str, messages, add_generation_prompt: bool = False, **special_tokens) -> str:
-    """Render as `tokenizer.apply_chat_template(messages, tokenize=False)` does: transformers' own Jinja
-    environment (sandbox, trim_blocks/lstrip_blocks, raise_exception, tojson, ...), with the tokenizer's
-    special tokens (bos_token=..., eos_token=...) as variables. A template's raise_exception raises
-    jinja2.TemplateError; check `misfit` first for named templates."""
-    compiled = _compiled(text)
-    if compiled is not None:  # the same compiled template and variables, without per-call conversion overhead
-        return compiled.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **special_tokens)
-    rendered, _ = _render_jinja_template()(
-        conversations=[messages], chat_template=text, add_generation_prompt=add_generation_prompt, **special_tokens
-    )
-    return rendered[0]
+    """Render as `tokenizer.apply_chat_template(messages, tokenize=False)` does for role/content messages:
+    the same Jinja environment (`environment()`) and variables, with the tokenizer's special tokens
+    (bos_token=..., eos_token=...). A template's raise_exception raises jinja2.TemplateError; check `misfit`
+    first for named templates."""
+    return _compiled(text).render(messages=messages, tools=None, documents=None,
+                                  add_generation_prompt=add_generation_prompt, **special_tokens)
 
 
 @lru_cache(maxsize=16)
 def _compiled(text: str):
-    """transformers' compiled template (its private cache function), or None when that is unavailable.
-    Plain role/content messages need none of render_jinja_template's per-call conversions."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:
-        return None
-    return _compile_jinja_template(text)
+    return environment().from_string(text)
 
 
-def _render_jinja_template():
-    """The one place that reaches into transformers' chat-template machinery (public module, not re-exported)."""
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
-    except ImportError as exc:
-        raise ForgeError(
-            "Rendering chat templates needs transformers (with jinja2).",
-            "Install the runner extras: pip install 'forge-runner[runner]'.",
-        ) from exc
-    return render_jinja_template
+@lru_cache(maxsize=1)
+def environment():
+    """transformers' chat-template environment (transformers.utils.chat_template_utils, 5.x), built from
+    jinja2 itself: importing transformers takes 0.7 s, a twentieth of a 100k-row prepare. A sandbox (chat
+    templates are code from the Hub), trim_blocks and lstrip_blocks, loop controls, a `{% generation %}`
+    block (rendered as is: labels come from our own spans), a tojson that keeps non-ASCII, raise_exception,
+    strftime_now, and dict/namespace that refuse underscore names. tests/test_templates.py holds it to
+    transformers' own, setting by setting and render by render."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # transformers' AssistantTracker, never tracking
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_generation_support"), [], [], body).set_lineno(lineno)
+
+        @jinja2.pass_eval_context
+        def _generation_support(self, context, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # Jinja's own signature trick, so namespace(self=...) works
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
+                       dict=TemplateDict(), namespace=TemplateNamespace)
+    return env
