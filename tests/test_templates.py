@@ -267,7 +267,7 @@ def test_the_environment_is_transformers_own():
 
 
 GENERATION = """{% for message in messages %}{{ message['role'] }}: {% if message['role'] == 'assistant' %}\
-{% generation %}{{ message['content'] }}{% set inner = 1 %}{{ loop.index }}{% endgeneration %}\
+{% generation %} {{ message['content'] }}{% set inner = 1 %}{{ loop.index }} {% endgeneration %}\
 {% else %}{{ message['content'] }}{% endif %}{{ inner | default('-') }}
 {% endfor %}{{ dict(a=1) | tojson }}"""
 
