@@ -65,6 +65,9 @@ POSITIVES = [
     ("google AIzaSyA-1234567890abcdefghijklmnopqrstu", "API_KEY", "google <API_KEY>"),
     (f"token {JWT}", "API_KEY", "token <API_KEY>"),
     ("Authorization: Bearer abc123DEF456ghi789JKL", "API_KEY", "Authorization: Bearer <API_KEY>"),
+    ("auth: bearer abc123DEF456ghi789JKL", "API_KEY", "auth: bearer <API_KEY>"),
+    ("AUTH: BEARER abc123DEF456ghi789JKL", "API_KEY", "AUTH: BEARER <API_KEY>"),
+    ("gh ghs_" + "Z" * 36, "API_KEY", "gh <API_KEY>"),
     (f"key:\n{PEM}\nthanks", "PRIVATE_KEY", "key:\n<PRIVATE_KEY>\nthanks"),
     ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----",
      "PRIVATE_KEY", "<PRIVATE_KEY>"),
@@ -171,6 +174,25 @@ def test_random_prose_with_numbers_has_no_hits(redact):
 
 
 # --- policies ---------------------------------------------------------------------------------------------
+
+def test_a_rows_messages_scrubbed_together_are_each_scrubbed_alone():
+    """scrub_many gates a row's messages once, on their joined text; it must never skip a hit `scrub` finds,
+    with PII anywhere in any message, split across two, or absent."""
+    scrubber = RegexScrubber(PiiSpec())
+    pieces = [text for text, _, _ in POSITIVES] + NEGATIVES + ["plain words here", "", "12345", "@", "://x", "v1.2.3"]
+    rng, found = random.Random(3), 0
+    for _ in range(3000):
+        texts = [" ".join(rng.sample(pieces, rng.randint(0, 2))) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.3 and len(texts) > 1:  # a value cut in two across messages: a hit in neither
+            value = rng.choice(pieces)
+            texts[0], texts[1] = texts[0] + value[: len(value) // 2], value[len(value) // 2:] + texts[1]
+        expected = [scrubber.scrub(text) for text in texts]
+        found += any(result.hits for result in expected)
+        assert scrubber.scrub_many(texts) == expected
+    assert 500 < found < 3000  # rows with hits and rows without
+    assert make_scrubber(PiiSpec(enabled=False)).scrub_many(["a@b.co", "x"]) == [ScrubResult("a@b.co", (), False),
+                                                                                ScrubResult("x", (), False)]
+
 
 EMAIL = "jane.doe@example.com"
 

@@ -66,6 +66,13 @@ class ScrubResult:
 class Scrubber(Protocol):
     def scrub(self, text: str) -> ScrubResult: ...
 
+    def scrub_many(self, texts: list[str]) -> list[ScrubResult]: ...  # a row's messages
+
+
+class _OneByOne:
+    def scrub_many(self, texts: list[str]) -> list[ScrubResult]:
+        return [self.scrub(text) for text in texts]
+
 
 def value_hash(value: str) -> str:
     """The one-way trace of a value: enough to count repeats across rows, not to recover the value."""
@@ -207,9 +214,10 @@ def _ipv6_ok(match: re.Match[str], raw: str) -> bool:
     return len(groups) + sum(1 for g in groups if "." in g) >= 3
 
 
-_API_KEY_MARKERS = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "sk-", "sk_live_",
-                    "rk_live_", "AIza", "eyJ", "earer", "EARER")
-_API_KEY_HINT = re.compile("|".join(map(re.escape, _API_KEY_MARKERS)))  # one pass instead of one per marker
+# Every API_KEY alternative holds one of these markers; each is found at its rarest character (the class
+# first, so re skips ahead to it: three times faster than an alternation of the markers).
+_API_KEY_HINT = re.compile(r"[AJx_\-Bb](?:(?<=A)(?:KIA|SIA|Iza)|(?<=eyJ)|(?<=x)ox|(?<=gh[pousr]_)|(?<=github_)"
+                           r"|(?<=[sr]k_)|(?<=sk-)|(?<=[Bb])(?:earer|EARER))")
 
 # Patterns that can start with a character class do so (lookbehind after it): re skips ahead to that
 # class, several times faster than trying a leading lookbehind at every position.
@@ -294,6 +302,11 @@ _FAMILIES: tuple[_Family, ...] = (
         _ipv6_ok,
     ),
 )
+
+
+def _gates_open(text: str) -> bool:
+    features = _Features(text)
+    return any(family.gate(features) for family in _FAMILIES)
 
 
 def _candidates(text: str, entities: Iterable[str] = ENTITIES) -> list[_Span]:
@@ -385,8 +398,15 @@ class RegexScrubber:
             return ScrubResult(text, (), False)
         return _apply(text, spans, self._policy_for)
 
+    def scrub_many(self, texts: list[str]) -> list[ScrubResult]:
+        """`scrub` of each text, the prefilters run once over them all first: they look for substrings, so
+        what none finds in the texts joined is in none of them, and most rows stop there."""
+        if len(texts) > 1 and not _gates_open("\n".join(texts)):
+            return [ScrubResult(text, (), False) for text in texts]
+        return [self.scrub(text) for text in texts]
 
-class _PassThrough:
+
+class _PassThrough(_OneByOne):
     """`pii.enabled: false`: the pipeline still gets a scrubber, one that finds nothing."""
 
     def scrub(self, text: str) -> ScrubResult:
@@ -403,7 +423,7 @@ _PRESIDIO_HINT = (
 )
 
 
-class PresidioScrubber:
+class PresidioScrubber(_OneByOne):
     """Presidio's NER finds what regexes cannot (names, places); the regex families still cover the
     secrets Presidio has no recognizer for. Our own policy code rewrites the spans, so both backends
     produce the same placeholders and hashes."""
