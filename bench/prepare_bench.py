@@ -34,6 +34,12 @@ from generate import make_pairs, write  # noqa: E402
 MODEL_CACHE = Path(os.environ.get("FORGE_MODEL_CACHE", Path.home() / ".cache" / "forge" / "models"))
 
 
+def settle() -> None:
+    """Flush what earlier steps wrote (datasets' cache, the generated inputs) before timing the next one,
+    so no measurement pays for another's writeback."""
+    os.sync()
+
+
 def conversations(pairs):
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in pairs]
 
@@ -48,6 +54,7 @@ def raw_tokenizers(pairs) -> float:
     """Rows/s of the Rust tokenizer alone (its own threads) on pre-rendered texts."""
     tok = tokenizer()
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations(pairs)]
+    settle()
     start = time.perf_counter()
     for i in range(0, len(texts), 1000):
         tok.backend_tokenizer.encode_batch(texts[i:i + 1000], add_special_tokens=False)
@@ -63,6 +70,7 @@ def datasets_map(pairs, workdir: Path, batched: bool) -> float:
     if not path.exists():
         path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(pairs)))
     tok = tokenizer()
+    settle()
     start = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=str(path), split="train",
                                     cache_dir=str(workdir / f"hf-{batched}"))
@@ -105,6 +113,7 @@ def forge_prepare(rows: int, workdir: Path) -> tuple[float, float, float, dict]:
     write(make_pairs(rows), data)
     plan = workdir / f"plan-{rows}"
     subprocess.run([sys.executable, str(Path(__file__).with_name("make_plan.py")), str(data), str(plan)], check=True)
+    settle()
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "forge.runner", "prepare", "--config", str(plan / "forge.yaml")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
