@@ -265,6 +265,29 @@ def test_any_worker_count_writes_the_same_bytes(tmp_path, model_cache, smollm2_d
     assert _tree_digest(datasets[0]) == _tree_digest(datasets[1])
 
 
+def test_a_compliance_fail_stops_the_run_at_the_first_such_row_in_input_order(tmp_path, model_cache, smollm2_dir):
+    """`on: {high: fail}`: the run fails naming the first failing row in input order (workers finish chunks in
+    any order), and no dataset is written."""
+    from forge.errors import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    words = ANSWER.split()
+    rows = [{"instruction": f"Question {i}?", "output": " ".join(random.Random(i).choices(words, k=60))}
+            for i in range(3000)]  # no two alike: none is removed as a duplicate before the checks
+    for line in (1700, 2600):  # in different chunks of 512 records, so possibly different workers
+        rows[line - 1]["output"] = "fuck you, " + rows[line - 1]["output"]
+    (data / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = make_plan(tmp_path, model_cache, [data / "rows.jsonl"])
+    compliance = base.prepare.compliance.model_copy(update={"on": {"low": "flag", "medium": "flag", "high": "fail"}})
+    plan = make_plan(tmp_path, model_cache, [data / "rows.jsonl"], workers=2, compliance=compliance)
+    with pytest.raises(DataError) as error:
+        prepare(plan)
+    assert "failed the run at row" in error.value.message and "(rows.jsonl:1700)" in error.value.message
+    assert "toxicity, severity high" in error.value.message and "prepare.compliance.on" in error.value.hint
+    assert not dataset_dir(plan, smollm2_dir).exists()
+
+
 def test_rows_are_read_lazily(tmp_path, model_cache, monkeypatch, messy):
     """A file is streamed, never held whole: reading the first rows must not pull the rest of the file."""
     from itertools import islice
