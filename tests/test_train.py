@@ -148,6 +148,19 @@ def test_kill_9_at_random_moments_then_rerun_matches_the_uninterrupted_losses(pr
     assert metrics["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-5)
 
 
+def test_a_run_resumed_from_its_last_checkpoint_repeats_the_uninterrupted_losses_bit_for_bit(
+        prepared, model_cache, uninterrupted):
+    """Killed right after step 3, resumed from the checkpoint at step 2: the same floats, not merely close
+    (the runner pins MKL to its reproducible mode; without it a resumed process drifts by up to 3e-5)."""
+    _, _, expected = uninterrupted
+    job, run_dir = _job(prepared, "resumed-exactly", model_cache)
+    _run(job, kill_at_step=3)
+    _run(job)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] in (2, 4)
+    assert _losses(metrics) == _losses(expected)
+
+
 def _without_dropout(prepared, model_cache, name: str) -> tuple[Path, Path]:
     plan, _ = prepared
     return _job(prepared, name, model_cache, lora=plan.train.lora.model_copy(update={"dropout": 0.0}))
