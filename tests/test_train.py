@@ -150,8 +150,9 @@ def test_kill_9_at_random_moments_then_rerun_matches_the_uninterrupted_losses(pr
 
 def test_a_run_resumed_from_its_last_checkpoint_repeats_the_uninterrupted_losses_bit_for_bit(
         prepared, model_cache, uninterrupted):
-    """Killed right after step 3, resumed from the checkpoint at step 2: the same floats, not merely close
-    (the runner pins MKL to its reproducible mode; without it a resumed process drifts by up to 3e-5)."""
+    """Killed right after step 3 and resumed: the same floats, not merely close (the runner pins MKL to its
+    reproducible mode; without it a resumed process sometimes drifted by up to 3e-5, depending on where
+    its buffers happened to land in memory)."""
     _, _, expected = uninterrupted
     job, run_dir = _job(prepared, "resumed-exactly", model_cache)
     _run(job, kill_at_step=3)
