@@ -287,6 +287,18 @@ def test_generation_blocks_and_the_sandbox_behave_as_in_apply_chat_template(temp
         assert render(template, messages) == expected
 
 
+def test_a_jinja2_whose_sandbox_can_be_escaped_is_refused(monkeypatch):
+    from forge.runner.prepare.templates import environment
+
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    environment.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="jinja2 >= 3.1.6"):
+            environment()
+    finally:
+        environment.cache_clear()
+
+
 def test_rendering_does_not_import_transformers():
     import subprocess
     import sys

@@ -120,6 +120,11 @@ def environment():
     import jinja2.ext
     import jinja2.nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from packaging.version import Version
+
+    if Version(jinja2.__version__) < Version("3.1.6"):  # as transformers requires: older sandboxes can be escaped
+        raise ConfigError(f"Chat templates need jinja2 >= 3.1.6 (its sandbox), not {jinja2.__version__}.",
+                          "Upgrade it in the runner's environment: pip install -U 'jinja2>=3.1.6'.")
 
     class Generation(jinja2.ext.Extension):  # transformers' AssistantTracker, never tracking
         tags = {"generation"}
