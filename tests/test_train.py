@@ -191,7 +191,10 @@ def test_out_of_memory_halves_the_micro_batch_keeps_the_effective_batch_and_resu
     assert any(e["kind"] == "log" and "micro-batch 1 x 4" in e["message"] for e in events)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [b["micro_batch_size"] for b in metrics["backoffs"]] == [2, 1]
-    assert _losses(metrics) == pytest.approx(_losses(expected), abs=1e-5)
+    # Not 1e-5 as for a resume: four micro-batches sum the step's floats in another order than one, and Adam
+    # turns last-bit differences in near-zero gradients into loss differences of a few 1e-5 (3.6e-5 seen). A
+    # changed effective batch would move the losses by more than 1e-2.
+    assert _losses(metrics) == pytest.approx(_losses(expected), abs=1e-4)
 
 
 def test_out_of_memory_with_a_single_row_is_a_clear_error(prepared, model_cache):
