@@ -111,7 +111,7 @@ class TreeMemory:
 def forge_prepare(rows: int, workdir: Path, memory: bool = False) -> tuple[float, float, float, dict]:
     """Rows/s of the runner's prepare on a fresh dataset of `rows` rows and, with `memory`, its peak tree PSS
     and peak main RSS (MiB). Sampling PSS walks every process's page tables (and holds their memory maps'
-    lock) four times a second, which slows the run by about 5%: throughput comes from an unsampled run."""
+    lock) four times a second, which can slow the run it measures: throughput comes from an unsampled run."""
     data = workdir / f"data-{rows}"
     if not data.exists():
         write(make_pairs(rows), data)
