@@ -32,9 +32,9 @@ def write_shard(work: Path, shard: Shard, spec: PrepareSpec) -> None:
         columns = shard.examples[split]
         if spec.packing:
             input_ids, labels = columns.tokens()
-            cuts = np.cumsum(columns.lengths)[:-1]
+            cuts = _offsets(columns.lengths)[1:-1]
             examples = [(row_id, Encoded(ids, labels)) for row_id, ids, labels in
-                        zip(columns.row_ids, np.split(input_ids, cuts), np.split(labels, cuts))]
+                        zip(columns.row_ids(), np.split(input_ids, cuts), np.split(labels, cuts))]
             table = _packed_table(pack(examples, spec.max_length))
         else:
             table = _examples_table(columns)

@@ -9,11 +9,12 @@ the one place that counts: the accounting identity holds by construction.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from forge.errors import DataError
+from forge.runner.prepare.compliance import SEVERITIES
 from forge.runner.prepare.stats import ShardStats
 from forge.runner.prepare.steps import Row, audit_line, line_json
 
@@ -25,11 +26,10 @@ _tags_json = json.JSONEncoder(sort_keys=True).encode
 
 @dataclass
 class Columns:
-    """A split's examples in input order: per example its id, row, tags and length; the tokens of all of them
-    in `input_ids`/`labels` (a list of flat int32 arrays, one per part, joined when written)."""
+    """A split's examples in input order: per example its id, source line, tags and length; the tokens of all
+    of them in `input_ids`/`labels` (a list of flat int32 arrays, one per part, joined when written)."""
 
-    ids: list[str] = field(default_factory=list)  # row id, or row id#n for a row split into several
-    row_ids: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # row id, or row id#n for a row split into several (see row_ids)
     sources: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)  # JSON
@@ -41,7 +41,6 @@ class Columns:
         tags, of = _tags_json(row.tags), len(row.examples)
         for n, example in enumerate(row.examples):
             self.ids.append(row.id if of == 1 else f"{row.id}#{n}")
-            self.row_ids.append(row.id)
             self.sources.append(row.source)
             self.lines.append(row.line)
             self.tags.append(tags)
@@ -55,8 +54,12 @@ class Columns:
         return self
 
     def extend(self, other: Columns) -> None:
-        for name in ("ids", "row_ids", "sources", "lines", "tags", "lengths", "input_ids", "labels"):
-            getattr(self, name).extend(getattr(other, name))
+        for column in fields(self):
+            getattr(self, column.name).extend(getattr(other, column.name))
+
+    def row_ids(self) -> list[str]:
+        """Each example's row id (row ids, `file-hash:line`, hold no '#')."""
+        return [example_id.partition("#")[0] for example_id in self.ids]
 
     def tokens(self) -> tuple[np.ndarray, np.ndarray]:
         return join_tokens(self.input_ids), join_tokens(self.labels)
@@ -102,7 +105,7 @@ class Part:
                  "findings": [asdict(f) for f in row.findings]}, sort_keys=True))
         if row.action == "fail":  # counted nowhere: the run fails at the first such row
             if self.failure is None:
-                worst = max(row.findings, key=lambda f: ("low", "medium", "high").index(f.severity))
+                worst = max(row.findings, key=lambda f: SEVERITIES.index(f.severity))
                 self.failure = (
                     f"Compliance check {worst.check} failed the run at row {row.id} ({row.source}:{row.line}): "
                     f"{worst.category}, severity {worst.severity}.",
@@ -129,13 +132,12 @@ class Part:
         self.examples[row.split].add(row)
 
 
-class Shard:
+class Shard(Part):
     """A shard's parts, joined in input order as they come back from the workers."""
 
     def __init__(self, index: int) -> None:
-        self.index, self.stats = index, ShardStats()
-        self.examples = {split: Columns() for split in SPLITS}
-        self.lines: dict[str, list[str]] = {name: [] for name in LINE_FILES}
+        super().__init__()
+        self.index = index
 
     def add(self, part: Part) -> None:
         if part.failure:
