@@ -250,7 +250,8 @@ def submit(
     needs = requirements_of(plan_)
     job = open_store(queue).submit(
         name=name or f"{plan_.model.name} {plan_.goal}", steps=steps, plan_path=str(config.resolve()),
-        plan_yaml=dump_plan(plan_), output_dir=str(output_dir(plan_, config.resolve().parent)), requirements=needs, priority=priority,
+        plan_yaml=dump_plan(plan_), output_dir=str(output_dir(plan_, config.resolve().parent)), requirements=needs,
+        priority=priority,
         retry=RetryPolicy(max_restarts=max_restarts, **({"retry_on": retry_on} if retry_on else {})))
     if as_json:
         typer.echo(json.dumps({"id": job.id, "state": job.state, "requirements": needs.model_dump()}))

@@ -1,6 +1,6 @@
 """Fan a stream of tasks out to forked worker processes and take the results back in order (optionally in
-two stages with a step of the caller's in between), with a bounded number in flight (so memory does not grow with the input, unlike `Pool.imap`, which drains
-its input eagerly).
+two stages with a step of the caller's in between), with a bounded number in flight (so memory does not
+grow with the input, unlike `Pool.imap`, which drains its input eagerly).
 
 Workers are forked after the parent has built what they need (a tokenizer, compiled templates), so
 nothing heavy is pickled: only each task and its result cross the pipe. Each worker has its own pipe, so
