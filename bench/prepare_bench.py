@@ -108,19 +108,29 @@ class TreeMemory:
         return self.peak_pss / 2**20, self.peak_main_rss / 2**20
 
 
+def generated_plan(rows: int, workdir: Path, name: str) -> Path:
+    """A forge.yaml (in workdir/name) over the generated dataset of `rows` rows (made once per workdir)."""
+    data = workdir / f"data-{rows}"
+    if not data.exists():
+        write(make_pairs(rows), data)
+    plan = workdir / name
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_plan.py")), str(data), str(plan)], check=True)
+    return plan / "forge.yaml"
+
+
+def runner_prepare(config: Path) -> list[str]:
+    """The runner's own prepare, outside a container."""
+    return [sys.executable, "-m", "forge.runner", "prepare", "--config", str(config)]
+
+
 def forge_prepare(rows: int, workdir: Path, memory: bool = False) -> tuple[float, float, float, dict]:
     """Rows/s of the runner's prepare on a fresh dataset of `rows` rows and, with `memory`, its peak tree PSS
     and peak main RSS (MiB). Sampling PSS walks every process's page tables (and holds their memory maps'
     lock) four times a second, which can slow the run it measures: throughput comes from an unsampled run."""
-    data = workdir / f"data-{rows}"
-    if not data.exists():
-        write(make_pairs(rows), data)
-    plan = workdir / f"plan-{rows}-{memory}"
-    subprocess.run([sys.executable, str(Path(__file__).with_name("make_plan.py")), str(data), str(plan)], check=True)
+    config = generated_plan(rows, workdir, f"plan-{rows}-{memory}")
     settle()
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "forge.runner", "prepare", "--config", str(plan / "forge.yaml")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(runner_prepare(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeMemory(child.pid) if memory else None
     out, err = child.communicate()
     seconds = time.perf_counter() - start

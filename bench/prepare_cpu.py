@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import make_pairs, write  # noqa: E402
+from prepare_bench import generated_plan, runner_prepare  # noqa: E402
 
 
 def main() -> None:
@@ -26,12 +26,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     rows = parser.parse_args().rows
     with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
-        data, plan = Path(tmp) / "data", Path(tmp) / "plan"
-        write(make_pairs(rows), data)
-        subprocess.run([sys.executable, str(Path(__file__).with_name("make_plan.py")), str(data), str(plan)], check=True)
+        config = generated_plan(rows, Path(tmp), "plan")
         start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "forge.runner", "prepare", "--config", str(plan / "forge.yaml")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = subprocess.Popen(runner_prepare(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         runner, runner_cpu, workers = psutil.Process(child.pid), 0.0, {}
         while child.poll() is None:
             try:
