@@ -1,59 +1,55 @@
-"""Crash-safe checkpoints: written to a temp dir with a checksum manifest, then renamed into place.
+"""Crash-safe checkpoints around the Trainer's own: it writes a checkpoint into a staging dir, `commit` adds
+Forge's state and a checksum manifest and renames it into place.
 
-A checkpoint without a manifest, or whose files do not match it, is never loaded: `latest_valid`
-skips it with a warning and falls back to the one before.
+A checkpoint without a manifest, or whose files do not match it, is never loaded: `latest_valid` skips it
+with a warning and falls back to the one before.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forge.runner.emit import log
 from forge.runner.durable import fsync
+from forge.runner.emit import log
 from forge.runner.hashing import sha256_file
 
 MANIFEST = "manifest.json"
+STATE = "state.json"
 PREFIX = "step-"
+STAGING = ".tmp-"
 
 
 @dataclass
 class TrainState:
-    """Everything besides tensors that a resume needs to continue exactly where it stopped."""
+    """What Forge adds to the Trainer's state: the micro-batch in use (after an OOM backoff, the smaller size is
+    the one resumed with), the backoffs and the per-step history that metrics.json and the loss curve show."""
 
     step: int = 0
-    position: int = 0  # rows consumed from the stream (see batches.RowStream): the data position
-    micro_batch_size: int = 1  # as last used: after an OOM backoff, the smaller size is the one resumed with
+    micro_batch_size: int = 1
     gradient_accumulation: int = 1
     backoffs: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
 
-def save(root: Path, state: TrainState, model, optimizer, scheduler, keep_last: int) -> Path:
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f"{STAGING}{PREFIX}{step:08d}-{os.getpid()}"
 
-    final = root / f"{PREFIX}{state.step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    files = sorted(path.name for path in tmp.iterdir())
+
+def commit(written: Path, root: Path, state: TrainState, keep_last: int) -> Path:
+    """Seal a fully written checkpoint dir (fsync, manifest) and rename it to `step-<N>`; keep the last K."""
+    (written / STATE).write_text(json.dumps(asdict(state)))
+    files = sorted(str(path.relative_to(written)) for path in written.rglob("*") if path.is_file())
     for name in files:
-        fsync(tmp / name)
-    (tmp / MANIFEST).write_text(json.dumps({name: sha256_file(tmp / name) for name in files}, indent=1))
-    fsync(tmp / MANIFEST)
+        fsync(written / name)
+    (written / MANIFEST).write_text(json.dumps({name: sha256_file(written / name) for name in files}, indent=1))
+    fsync(written / MANIFEST)
+    final = root / f"{PREFIX}{state.step:08d}"
     shutil.rmtree(final, ignore_errors=True)  # an earlier attempt at the same step, e.g. before a crash
-    os.replace(tmp, final)
+    os.replace(written, final)
     fsync(root)
     for old in all_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -67,8 +63,8 @@ def all_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_valid(root: Path) -> Path | None:
-    """The newest complete checkpoint. Temp dirs of interrupted saves are removed on the way."""
-    for partial in root.glob(".tmp-*") if root.is_dir() else []:
+    """The newest complete checkpoint. Staging dirs of interrupted saves are removed on the way."""
+    for partial in root.glob(f"{STAGING}*") if root.is_dir() else []:
         shutil.rmtree(partial, ignore_errors=True)
     for path in reversed(all_checkpoints(root)):
         problem = _problem(path)
@@ -76,6 +72,10 @@ def latest_valid(root: Path) -> Path | None:
             return path
         log(f"Skipping checkpoint {path.name}: {problem}.", "warning")
     return None
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / STATE).read_text()))
 
 
 def _problem(path: Path) -> str | None:
@@ -89,34 +89,3 @@ def _problem(path: Path) -> str | None:
         if sha256_file(path / name) != digest:
             return f"{name} does not match its checksum"
     return None
-
-
-def load(path: Path, model, optimizer, scheduler) -> TrainState:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainState(**json.loads((path / "state.json").read_text()))
-
-
-def rng_state() -> dict:
-    """Every random stream training draws from (dropout on CPU or GPU, Python's `random`)."""
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -53,3 +53,12 @@ def peak_rss_mb() -> int:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_memory() -> dict[str, float]:
+    """The training peak: GPU memory allocated by torch on CUDA, the process's RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"rss_mb": float(peak_rss_mb())}

@@ -1,27 +1,24 @@
 """`forge train`: one LoRA recipe for every backend (Unsloth on CUDA images that have it, transformers +
-PEFT elsewhere), readable top to bottom.
+PEFT elsewhere), trained by TRL's SFTTrainer (see `sft` for what Forge adds to it), readable top to bottom.
 
-setup (model, data, optimizer, resume) → loop (accumulate, back off on OOM, step, report, checkpoint) →
-finish (evaluation by tag and on the gold set, adapter, run record). The run directory is named by the
+setup (model, data, resume point) → train (SFTTrainer: accumulate, back off on OOM, step, report,
+checkpoint) → finish (evaluation by tag and on the gold set, adapter, run record). The run directory is named by the
 dataset and the training settings, so rerunning the same plan resumes the same run from its newest valid
 checkpoint.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 from forge.contract.plan import Plan
 from forge.contract.plan_io import atomic_write_text, dump_plan
-from forge.errors import ConfigError, DataError, HardwareError
+from forge.errors import ConfigError, DataError
 from forge.runner import checkpoint, models, run_record, stop
-from forge.runner.batches import RowStream, collate, learned_tokens, micro_batches, steps_per_epoch
 from forge.runner.emit import also_write_to, emit, log, stage
 from forge.runner.evaluate import evaluate
 from forge.runner.gold import evaluate_gold, read_gold
@@ -29,9 +26,9 @@ from forge.runner.hashing import sha256_json
 from forge.runner.prepare.pipeline import dataset_dir
 from forge.runner.prepare.tokenize import chat_template_for
 from forge.runner.report import Reporters
-from forge.runner.resources import peak_rss_mb
+from forge.runner.resources import peak_memory
 
-MAX_GRAD_NORM = 1.0
+TRAIN_COLUMNS = ("input_ids", "labels", "position_ids")
 
 
 def run_dir_for(plan: Plan, dataset: Path) -> Path:
@@ -61,26 +58,33 @@ def train(plan: Plan) -> None:
     gold = read_gold(Path(plan.train.eval.gold)) if plan.train.eval.gold else None  # bad rows fail before training
     torch.manual_seed(plan.train.seed)
     model, tokenizer = _setup_model(plan, model_dir)
-    stream = RowStream(_read_split(dataset, "train"), plan.train.seed)
-    if not len(stream):
+    rows = _read_table(dataset, "train", TRAIN_COLUMNS)
+    if rows is None or not rows.num_rows:
         raise DataError("The training split is empty.", "Add data or lower prepare.val_fraction, then prepare again.")
     effective = plan.train.micro_batch_size * plan.train.gradient_accumulation
-    total_steps = plan.train.max_steps or plan.train.epochs * steps_per_epoch(len(stream), effective)
-    optimizer, scheduler = _setup_optimizer(plan, model, total_steps)
+    total_steps = plan.train.max_steps or plan.train.epochs * math.ceil(rows.num_rows / effective)
 
     state = checkpoint.TrainState(micro_batch_size=plan.train.micro_batch_size,
                                   gradient_accumulation=plan.train.gradient_accumulation)
-    resumed_from = 0
     latest = checkpoint.latest_valid(run_dir / "checkpoints")
     if latest is not None:
-        state = checkpoint.load(latest, model, optimizer, scheduler)
-        resumed_from = state.step
+        state = checkpoint.read_state(latest)
         log(f"Resuming from checkpoint {latest.name} (step {state.step} of {total_steps}, "
             f"micro-batch {state.micro_batch_size} x {state.gradient_accumulation}).")
+    resumed_from = state.step
+
+    from forge.runner import sft  # after the model: Unsloth swaps in its own SFTTrainer when it is imported
 
     with Reporters(plan.train.report_to, run_dir, plan) as reporters:
-        _loop(plan, model, stream, tokenizer.pad_token_id, optimizer, scheduler, state, total_steps, run_dir,
-              reporters)
+        with stage("train", total=total_steps, unit="steps") as progress:
+            progress.done = state.step
+            trainer = sft.build(plan, model, tokenizer, rows, state, run_dir, total_steps, progress, reporters,
+                                cuda=_cuda(plan))
+            trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+            if stop.requested.is_set() and state.step < total_steps:
+                emit("result", step="train", status="stopped", paths={"run_dir": str(run_dir)},
+                     info={"step": state.step, "total_steps": total_steps})
+                raise stop.Stopped()
         metrics = _finish(plan, model, tokenizer, model_dir, dataset, run_dir, state, total_steps, resumed_from,
                           environment, gold)
         reporters.log({f"eval/{key}": value for key, value in metrics.items() if isinstance(value, float)},
@@ -91,10 +95,9 @@ def train(plan: Plan) -> None:
 def _setup_model(plan: Plan, model_dir: Path):
     """The base model with LoRA adapters: Unsloth's FastLanguageModel on CUDA when the image has it (its
     kernels and gradient checkpointing), else transformers + PEFT; 8/4-bit weights through bitsandbytes."""
-    import torch
 
     spec = plan.train
-    cuda = plan.hardware.accelerator == "cuda" and torch.cuda.is_available()
+    cuda = _cuda(plan)
     if spec.quantization != "none" and not cuda:
         raise ConfigError(f"train.quantization {spec.quantization} needs a CUDA GPU (bitsandbytes); this run has none.",
                           "Set train.quantization: none for CPU runs, or plan on a GPU machine.")
@@ -113,6 +116,12 @@ def _setup_model(plan: Plan, model_dir: Path):
         progress.advance(1)
     model.train()
     return model, tokenizer
+
+
+def _cuda(plan: Plan) -> bool:
+    import torch
+
+    return plan.hardware.accelerator == "cuda" and torch.cuda.is_available()
 
 
 def _backend(wanted: str, cuda: bool) -> str:
@@ -176,119 +185,6 @@ def _unsloth_model(plan: Plan, model_dir: Path):
     return model, tokenizer
 
 
-def _setup_optimizer(plan: Plan, model, total_steps: int):
-    import torch
-    from transformers import get_linear_schedule_with_warmup
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.train.learning_rate, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, plan.train.warmup_steps, total_steps)
-    return optimizer, scheduler
-
-
-def _loop(plan, model, stream: RowStream, pad_id: int, optimizer, scheduler, state, total_steps: int,
-          run_dir: Path, reporters: Reporters) -> None:
-    import torch
-
-    effective = plan.train.micro_batch_size * plan.train.gradient_accumulation
-    params = [p for p in model.parameters() if p.requires_grad]
-    with stage("train", total=total_steps, unit="steps") as progress:
-        progress.done = state.step
-        started, first_step, tokens_seen = time.monotonic(), state.step, 0
-        while state.step < total_steps:
-            rows = stream.take(state.position, effective)
-            rng = checkpoint.rng_state()
-            try:
-                step_loss = _accumulate(model, rows, state.micro_batch_size, pad_id)
-            except torch.OutOfMemoryError as exc:
-                optimizer.zero_grad(set_to_none=True)
-                checkpoint.set_rng_state(rng)  # the retried step starts from the random state the failed one had
-                _back_off(state, effective, str(exc))
-                continue
-            tokens_seen += sum(len(row["input_ids"]) for row in rows)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.position += effective
-            state.history.append({"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
-            elapsed = max(time.monotonic() - started, 1e-9)
-            metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_seen / elapsed,
-                       "eta_s": (total_steps - state.step) * elapsed / (state.step - first_step), **peak_memory()}
-            progress.advance(1, force=True, **metrics)
-            reporters.log({f"train/{key}": value for key, value in metrics.items() if key != "eta_s"}, state.step)
-            due = state.step % plan.train.save_every == 0 or state.step == total_steps
-            if due or stop.requested.is_set():
-                checkpoint.save(run_dir / "checkpoints", state, model, optimizer, scheduler, plan.train.keep_last)
-            if stop.requested.is_set() and state.step < total_steps:
-                emit("result", step="train", status="stopped", paths={"run_dir": str(run_dir)},
-                     info={"step": state.step, "total_steps": total_steps})
-                raise stop.Stopped()
-
-
-def _accumulate(model, rows: list[dict], size: int, pad_id: int) -> float:
-    """One optimizer step's gradients, micro-batch by micro-batch. Each micro-batch's mean loss is weighted by
-    its share of the step's learned tokens, so the step's gradient is the same for any micro-batch size."""
-    import torch
-
-    total = learned_tokens(rows)
-    limit = _simulated_memory_limit()
-    step_loss = 0.0
-    for chunk in micro_batches(rows, size):
-        if limit is not None and len(chunk) > limit:
-            raise torch.OutOfMemoryError(f"simulated (FORGE_SIMULATE_OOM_ABOVE_ROWS={limit}): "
-                                         f"a micro-batch of {len(chunk)} rows does not fit")
-        tokens = learned_tokens(chunk)
-        if not tokens:  # nothing to learn here: a mean over no tokens would be NaN
-            continue
-        loss = model(**collate(chunk, pad_id)).loss * (tokens / total)
-        loss.backward()
-        step_loss += loss.item()
-    return step_loss
-
-
-def _simulated_memory_limit() -> int | None:
-    """A test hook: micro-batches over this many rows raise CUDA's out-of-memory error, so the backoff path
-    runs on CPU exactly as it would on a GPU that is too small."""
-    value = os.environ.get("FORGE_SIMULATE_OOM_ABOVE_ROWS")
-    return int(value) if value else None
-
-
-def _back_off(state, effective: int, reason: str) -> None:
-    """Halve the micro-batch and raise accumulation to match, so the effective batch (rows per optimizer step)
-    stays the same; the step is retried from the state before it. Recorded in an event, the checkpointed
-    state (so a resume keeps the smaller size) and the run's metrics."""
-    import torch
-
-    if state.micro_batch_size == 1:
-        raise HardwareError(
-            f"Out of GPU memory with a micro-batch of 1 row at step {state.step + 1}: {reason}",
-            "Lower prepare.max_length and prepare again, set train.quantization to 4bit, or pick a smaller model.",
-        )
-    before = state.micro_batch_size
-    state.micro_batch_size = math.ceil(before / 2)
-    state.gradient_accumulation = math.ceil(effective / state.micro_batch_size)
-    record = {"step": state.step + 1, "micro_batch_from": before, "micro_batch_size": state.micro_batch_size,
-              "gradient_accumulation": state.gradient_accumulation, "reason": reason[:300]}
-    state.backoffs.append(record)
-    emit("backoff", **record)
-    log(f"Out of memory at step {record['step']}: micro-batch {before} -> {state.micro_batch_size}, gradient "
-        f"accumulation -> {state.gradient_accumulation} (effective batch {effective} unchanged).", "warning")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def peak_memory() -> dict[str, float]:
-    import torch
-
-    if torch.cuda.is_available():
-        return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
-    return {"rss_mb": float(peak_rss_mb())}
-
-
 def _finish(plan, model, tokenizer, model_dir: Path, dataset: Path, run_dir: Path, state, total_steps: int,
             resumed_from: int, environment: dict, gold: list | None) -> dict:
     val_rows = _read_split(dataset, "val")
@@ -324,15 +220,21 @@ def _finish(plan, model, tokenizer, model_dir: Path, dataset: Path, run_dir: Pat
 
 
 def _read_split(dataset: Path, split: str) -> list[dict]:
-    """All shards of a split, in order, with what training and evaluation read (ids and tags for slicing)."""
+    """All rows of a split, in order, with what evaluation reads (ids and tags for slicing)."""
+    table = _read_table(dataset, split, ("id", "ids", "tags", *TRAIN_COLUMNS))
+    return table.to_pylist() if table is not None else []
+
+
+def _read_table(dataset: Path, split: str, wanted: tuple[str, ...]):
+    """All shards of a split, in order, as one Arrow table of the columns asked for (None when empty)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = []
+    tables = []
     for path in sorted((dataset / split).glob("*.parquet")):
         table = pq.read_table(path)
-        wanted = ("id", "ids", "tags", "input_ids", "labels", "position_ids")
-        rows.extend(table.select([c for c in wanted if c in table.column_names]).to_pylist())
-    return rows
+        tables.append(table.select([c for c in wanted if c in table.column_names]))
+    return pa.concat_tables(tables) if tables else None
 
 
 def _result(run_dir: Path, metrics: dict) -> None:

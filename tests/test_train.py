@@ -118,6 +118,23 @@ def test_run_directory_holds_adapter_config_metrics_environment_and_curve(uninte
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "rss_mb"} <= set(steps[-1]["metrics"])
 
 
+def test_checkpoints_are_the_trainers_own_sealed_by_a_manifest(uninterrupted):
+    """SFTTrainer's checkpoint files (adapter, optimizer, scheduler, RNG, trainer state), every one under the
+    manifest, beside Forge's state; only the last `keep_last` kept; no staging dirs left behind."""
+    from forge.runner import checkpoint
+
+    run_dir, _, metrics = uninterrupted
+    kept = checkpoint.all_checkpoints(run_dir / "checkpoints")
+    assert [path.name for path in kept] == ["step-00000006", "step-00000008"]  # the smoke preset keeps 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [p.name for p in kept]
+    last = kept[-1]
+    manifest = json.loads((last / checkpoint.MANIFEST).read_text())
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+            checkpoint.STATE} <= set(manifest)
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == STEPS
+    assert checkpoint.read_state(last).history == metrics["history"]
+
+
 def test_evaluation_is_sliced_by_tags_with_the_hardest_rows(uninterrupted):
     _, _, metrics = uninterrupted
     slices = metrics["slices"]
@@ -351,17 +368,22 @@ def test_gradient_checkpointing_changes_memory_not_losses(prepared, model_cache,
 
 
 def test_the_planners_cpu_estimate_bounds_the_measured_peak(uninterrupted):
-    """The planner sizes for full `max_length` sequences; this run's rows are shorter (batches pad to their
-    longest row), so its peak is below the estimate, though not by much. The estimate's accuracy at full
-    length is held to ±15% by tests/test_calibration.py (24 measured points)."""
+    """Estimated at this run's widest batch (its longest row: batches pad to their longest), the planner's
+    figure bounds the measured peak, though not by much. The estimate's accuracy across settings is held to
+    ±15% by tests/test_calibration.py (24 measured points)."""
+    import pyarrow.parquet as pq
+
     from forge.host import catalog
     from forge.host.memory import Shape, estimate
 
     run_dir, _, metrics = uninterrupted
     plan = load_plan(run_dir.parents[2] / "forge.yaml")
+    (dataset,) = (Path(plan.output.dir) / "datasets").iterdir()
+    longest = max(len(ids) for path in (dataset / "train").glob("*.parquet")
+                  for ids in pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist())
     entry = catalog.models()[plan.model.name]
     planned = estimate(Shape.of(entry), dtype=plan.train.dtype, quantization="none",
                        targets=plan.train.lora.target_modules, rank=plan.train.lora.r,
-                       seq_len=plan.prepare.max_length, micro_batch=plan.train.micro_batch_size,
+                       seq_len=longest, micro_batch=plan.train.micro_batch_size,
                        checkpointing=False, accelerator="cpu").total / 2**20
     assert metrics["rss_mb"] <= planned <= 1.25 * metrics["rss_mb"], (planned, metrics["rss_mb"])
