@@ -9,8 +9,7 @@ unit tests hold the planner to them (tests/test_calibration.py, ±15%).
         --checkpointing off on --seq 512 2048 --micro 1 4 --out plans/calibration/<gpu>-qwen2.5-0.5b.json
 
 Each point runs in its own process: three optimizer steps of LoRA (the catalog's targets, r=16) on a
-random batch of `micro x seq` tokens, then reports its peak. On CPU the loss goes through TRL's fused LM
-head, as `forge train` does in the CPU image; the GPU images' TRL (1.15) builds the full logits. Models come from the model cache
+random batch of `micro x seq` tokens, then reports its peak. Models come from the model cache
 (FORGE_MODEL_CACHE; the bundled SmolLM2 is converted there by the tests) or a local directory.
 """
 
@@ -46,11 +45,6 @@ def measure(model_dir: str, device: str, quantization: str, checkpointing: bool,
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    fused = not cuda  # the CPU image's TRL (1.16) computes the loss through its fused LM head, as SFTTrainer does
-    if fused:
-        from trl.trainer.utils import add_fused_lm_head
-
-        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets,
                                              task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
@@ -58,7 +52,7 @@ def measure(model_dir: str, device: str, quantization: str, checkpointing: bool,
     batch = torch.randint(0, model.config.vocab_size, (micro, seq), generator=torch.Generator().manual_seed(0))
     batch = batch.to(model.device)
     for _ in range(3):
-        model(input_ids=batch, labels=batch, **({"fused_lm_head": True} if fused else {})).loss.backward()
+        model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if cuda:

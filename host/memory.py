@@ -12,10 +12,7 @@ peak = weights + LoRA parameters, gradients and AdamW states + activations + log
   With gradient checkpointing only each layer's input is kept, plus the layer being recomputed and its
   gradients.
 - Logits: batch × sequence × vocab, and at the loss four float32 buffers as large: the upcast copy, the
-  log-softmax, and the gradients of both. In the CPU image TRL's fused LM head computes the loss in tiles
-  instead; without Triton it still scores every position and keeps more per token than its tiles suggest
-  (its online-softmax statistics, entropy and top-1 outputs, the recomputation in backward), so its term
-  is fitted to the measured peaks: a fixed part and bytes per token and vocabulary entry.
+  log-softmax, and the gradients of both.
 - Overhead: the CUDA context, cuBLAS workspaces and allocator slack on a GPU; on CPU the Python process
   with torch and transformers imported.
 
@@ -31,8 +28,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_BYTES = {"4bit": 4.127 / 8, "8bit": 1.0 + 2 / 4096}
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 GPU_OVERHEAD = 0.9 * GIB  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces
-FUSED_HEAD_FIXED = 215 * 2**20  # fitted on CPU (plans/calibration), like the per-token bytes below
-FUSED_HEAD_BYTES = {False: 25, True: 34}  # by gradient checkpointing (which the activation term underestimates)
 CPU_OVERHEAD = 363 * 2**20  # RSS of the CPU image's python after importing the training stack (measured)
 ALLOCATOR_SLACK = 1.10  # fragmentation of the caching allocator on activations
 CALIBRATION_NOTE = ("Checked against measured peaks on CPU (SmolLM2-135M, 24 settings, within 15%: "
@@ -126,9 +121,6 @@ def estimate(shape: Shape, *, dtype: str, quantization: str, targets: list[str],
     else:
         activations = shape.layers * per_layer
     activations *= ALLOCATOR_SLACK
-    if accelerator == "cuda":  # the GPU images' TRL (1.15) and Unsloth: the full logits at the loss
-        logits = tokens * shape.vocab * (dtype_bytes + 4 * 4)  # logits; fp32 copy, log-softmax and two gradients
-    else:  # the CPU image's TRL (1.16): its fused LM head, fitted to the measured peaks
-        logits = FUSED_HEAD_FIXED + tokens * shape.vocab * FUSED_HEAD_BYTES[checkpointing]
+    logits = tokens * shape.vocab * (dtype_bytes + 4 * 4)  # logits; fp32 copy, log-softmax and two gradients
     overhead = GPU_OVERHEAD if accelerator == "cuda" else CPU_OVERHEAD
     return Breakdown(weights, lora, activations, logits, overhead)
