@@ -7,6 +7,7 @@ imported, and this module must subclass the replacement.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -33,7 +34,12 @@ def sft_config(plan: Plan, run_dir: Path, total_steps: int, cuda: bool) -> SFTCo
     """The plan's training settings in TRL's terms. The dataset is already tokenized, templated and truncated
     by `forge prepare`, so TRL's own preparation is skipped; metrics go through Forge's reporters."""
     spec = plan.train
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    # SFTConfig turns activation checkpointing on by default; the model setup already applied the plan's
+    # setting, in Unsloth's variant on Unsloth, which the Trainer's would replace
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return SFTConfig(
+        **{checkpointing: False},
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=spec.micro_batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation,
@@ -101,8 +107,8 @@ class ForgeSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """On CPU, the model's own loss instead of TRL's fused LM head: without Triton the fused head scores
-        every position in tiles, which measured slower (0.58 of a bare Trainer's tokens/s) and larger (+10-30%
-        peak RSS) than the model's loss. Both are the same quantity: the learned tokens' summed loss divided by
+        every position in tiles: 0.71 of the tokens/s and 1.15 of the peak RSS of the model's own loss
+        (bench/train_bench.py's job, 12 steps of 4 x 2). Both are the same quantity: the learned tokens' summed loss divided by
         the step's count of them."""
         if next(model.parameters()).device.type == "cpu":
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
