@@ -106,10 +106,10 @@ class ForgeSFTTrainer(SFTTrainer):
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """On CPU, the model's own loss instead of TRL's fused LM head: without Triton the fused head scores
-        every position in tiles: 0.71 of the tokens/s and 1.15 of the peak RSS of the model's own loss
-        (bench/train_bench.py's job, 12 steps of 4 x 2). Both are the same quantity: the learned tokens' summed loss divided by
-        the step's count of them."""
+        """On CPU, the model's own loss instead of TRL's fused LM head, which without Triton scores every
+        position in tiles: 0.71 of the tokens/s and 1.15 of the peak RSS of the model's own loss (measured on
+        bench/train_bench.py's job, 12 steps of 4 x 2). Both losses are the same quantity: the learned tokens'
+        summed loss divided by the step's count of them."""
         if next(model.parameters()).device.type == "cpu":
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
