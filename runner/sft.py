@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+from datasets.table import InMemoryTable
 from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -74,9 +76,6 @@ def build(plan: Plan, model, tokenizer, rows, state: checkpoint.TrainState, run_
     def collate_counting(batch: list[dict]) -> dict:
         return {**collate(batch, pad_id), TOKENS: sum(len(row["input_ids"]) for row in batch)}
 
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-
     train_dataset = Dataset(InMemoryTable(rows))  # the prepared Arrow table as it is: no copy, no cache files
     trainer = ForgeSFTTrainer(model=model, args=sft_config(plan, run_dir, total_steps, cuda),
                               train_dataset=train_dataset,
@@ -110,7 +109,7 @@ class ForgeSFTTrainer(SFTTrainer):
         position in tiles: 0.71 of the tokens/s and 1.15 of the peak RSS of the model's own loss (measured on
         bench/train_bench.py's job, 12 steps of 4 x 2). Both losses are the same quantity: the learned tokens'
         summed loss divided by the step's count of them."""
-        if next(model.parameters()).device.type == "cpu":
+        if self.args.use_cpu:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -196,7 +195,7 @@ class ForgeSFTTrainer(SFTTrainer):
         entry = {"step": state.step, "loss": logs["loss"], "lr": logs["learning_rate"], "grad_norm": logs["grad_norm"]}
         state.history.append(entry)
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        metrics = {"loss": entry["loss"], "lr": entry["lr"], "grad_norm": entry["grad_norm"],
+        metrics = {**{key: value for key, value in entry.items() if key != "step"},
                    "tokens_per_s": self._tokens / elapsed,
                    "eta_s": (self.state.max_steps - state.step) * elapsed / (state.step - self._first_step),
                    **peak_memory()}

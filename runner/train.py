@@ -2,9 +2,9 @@
 PEFT elsewhere), trained by TRL's SFTTrainer (see `sft` for what Forge adds to it), readable top to bottom.
 
 setup (model, data, resume point) → train (SFTTrainer: accumulate, back off on OOM, step, report,
-checkpoint) → finish (evaluation by tag and on the gold set, adapter, run record). The run directory is named by the
-dataset and the training settings, so rerunning the same plan resumes the same run from its newest valid
-checkpoint.
+checkpoint) → finish (evaluation by tag and on the gold set, adapter, run record). The run directory is
+named by the dataset and the training settings, so rerunning the same plan resumes the same run from its
+newest valid checkpoint.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def train(plan: Plan) -> None:
 
     gold = read_gold(Path(plan.train.eval.gold)) if plan.train.eval.gold else None  # bad rows fail before training
     torch.manual_seed(plan.train.seed)
-    model, tokenizer = _setup_model(plan, model_dir)
+    cuda = plan.hardware.accelerator == "cuda" and torch.cuda.is_available()
+    model, tokenizer = _setup_model(plan, model_dir, cuda)
     rows = _read_table(dataset, "train", TRAIN_COLUMNS)
     if rows is None or not rows.num_rows:
         raise DataError("The training split is empty.", "Add data or lower prepare.val_fraction, then prepare again.")
@@ -79,7 +80,7 @@ def train(plan: Plan) -> None:
         with stage("train", total=total_steps, unit="steps") as progress:
             progress.done = state.step
             trainer = sft.build(plan, model, tokenizer, rows, state, run_dir, total_steps, progress, reporters,
-                                cuda=_cuda(plan))
+                                cuda=cuda)
             trainer.train(resume_from_checkpoint=str(latest) if latest else None)
             if stop.requested.is_set() and state.step < total_steps:
                 emit("result", step="train", status="stopped", paths={"run_dir": str(run_dir)},
@@ -92,12 +93,10 @@ def train(plan: Plan) -> None:
     _result(run_dir, metrics)
 
 
-def _setup_model(plan: Plan, model_dir: Path):
+def _setup_model(plan: Plan, model_dir: Path, cuda: bool):
     """The base model with LoRA adapters: Unsloth's FastLanguageModel on CUDA when the image has it (its
     kernels and gradient checkpointing), else transformers + PEFT; 8/4-bit weights through bitsandbytes."""
-
     spec = plan.train
-    cuda = _cuda(plan)
     if spec.quantization != "none" and not cuda:
         raise ConfigError(f"train.quantization {spec.quantization} needs a CUDA GPU (bitsandbytes); this run has none.",
                           "Set train.quantization: none for CPU runs, or plan on a GPU machine.")
@@ -116,12 +115,6 @@ def _setup_model(plan: Plan, model_dir: Path):
         progress.advance(1)
     model.train()
     return model, tokenizer
-
-
-def _cuda(plan: Plan) -> bool:
-    import torch
-
-    return plan.hardware.accelerator == "cuda" and torch.cuda.is_available()
 
 
 def _backend(wanted: str, cuda: bool) -> str:
