@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from datasets.table import InMemoryTable
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from forge.contract.plan import Plan
@@ -81,6 +81,7 @@ def build(plan: Plan, model, tokenizer, rows, state: checkpoint.TrainState, run_
                               train_dataset=train_dataset,
                               processing_class=tokenizer, data_collator=collate_counting,
                               callbacks=[StopAtSafePoint()])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress events carry the same figures
     trainer.forge_setup(plan, state, progress, reporters)
     return trainer
 

@@ -47,8 +47,10 @@ def _plan(root: Path, model_cache: Path, **train):
     return load_plan(root / "forge.yaml")
 
 
-def _run(root: Path, env: dict | None = None, kill_at_step: int | None = None, delay: float = 0.0) -> list[dict]:
-    """The train step as a subprocess; with kill_at_step, SIGKILL it `delay` s after that step's event."""
+def _run(root: Path, env: dict | None = None, kill_at_step: int | None = None, delay: float = 0.0,
+         stderr: list[str] | None = None) -> list[dict]:
+    """The train step as a subprocess; with kill_at_step, SIGKILL it `delay` s after that step's event. A
+    `stderr` list gets what the process wrote there."""
     process = subprocess.Popen([sys.executable, "-m", "forge.runner", "train", "--config", str(root / "forge.yaml")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
@@ -67,8 +69,11 @@ def _run(root: Path, env: dict | None = None, kill_at_step: int | None = None, d
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=600)
+    err = process.stderr.read()
     if kill_at_step is None:
-        assert process.returncode == 0, process.stderr.read()[-3000:]
+        assert process.returncode == 0, err[-3000:]
+    if stderr is not None:
+        stderr.append(err)
     return events
 
 
@@ -93,8 +98,9 @@ def _job(prepared, name: str, model_cache, **train) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, model_cache):
     job, run_dir = _job(prepared, "uninterrupted", model_cache)
-    events = _run(job)
-    return run_dir, events, json.loads((run_dir / "metrics.json").read_text())
+    stderr: list[str] = []
+    events = _run(job, stderr=stderr)
+    return run_dir, events, json.loads((run_dir / "metrics.json").read_text()), stderr[0]
 
 
 def _losses(metrics: dict) -> list[float]:
@@ -102,8 +108,9 @@ def _losses(metrics: dict) -> list[float]:
 
 
 def test_run_directory_holds_adapter_config_metrics_environment_and_curve(uninterrupted):
-    run_dir, events, metrics = uninterrupted
+    run_dir, events, metrics, stderr = uninterrupted
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert "'grad_norm'" not in stderr  # the Trainer's printed log dicts: the progress events carry the figures
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert "train:" in (run_dir / "config.yaml").read_text()
     assert [entry["step"] for entry in metrics["history"]] == list(range(1, STEPS + 1))
@@ -123,7 +130,7 @@ def test_checkpoints_are_the_trainers_own_sealed_by_a_manifest(uninterrupted):
     manifest, beside Forge's state; only the last `keep_last` kept; no staging dirs left behind."""
     from forge.runner import checkpoint
 
-    run_dir, _, metrics = uninterrupted
+    run_dir, _, metrics, _ = uninterrupted
     kept = checkpoint.all_checkpoints(run_dir / "checkpoints")
     assert [path.name for path in kept] == ["step-00000006", "step-00000008"]  # the smoke preset keeps 2
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [p.name for p in kept]
@@ -136,7 +143,7 @@ def test_checkpoints_are_the_trainers_own_sealed_by_a_manifest(uninterrupted):
 
 
 def test_evaluation_is_sliced_by_tags_with_the_hardest_rows(uninterrupted):
-    _, _, metrics = uninterrupted
+    _, _, metrics, _ = uninterrupted
     slices = metrics["slices"]
     assert set(slices) == {"source:alpaca", "source:chat"}
     assert sum(s["rows"] for s in slices.values()) == metrics["val_rows"]
@@ -150,7 +157,7 @@ def test_evaluation_is_sliced_by_tags_with_the_hardest_rows(uninterrupted):
 
 
 def test_kill_9_at_random_moments_then_rerun_matches_the_uninterrupted_losses(prepared, model_cache, uninterrupted):
-    _, _, expected = uninterrupted
+    _, _, expected, _ = uninterrupted
     job, run_dir = _job(prepared, "killed", model_cache)
     rng = random.Random(4)
     for _ in range(3):
@@ -170,7 +177,7 @@ def test_a_run_resumed_from_its_last_checkpoint_repeats_the_uninterrupted_losses
     """Killed right after step 3 and resumed: the same floats, not merely close (the runner pins MKL to its
     reproducible mode; without it a resumed process sometimes drifted by up to 3e-5, depending on where
     its buffers happened to land in memory)."""
-    _, _, expected = uninterrupted
+    _, _, expected, _ = uninterrupted
     job, run_dir = _job(prepared, "resumed-exactly", model_cache)
     _run(job, kill_at_step=3)
     _run(job)
@@ -240,7 +247,7 @@ def test_export_merges_the_adapter_into_plain_safetensors_weights(prepared, unin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_dir, _, _ = uninterrupted
+    run_dir, _, _, _ = uninterrupted
     job = run_dir.parents[2]
     process = subprocess.run([sys.executable, "-m", "forge.runner", "export", "--config", str(job / "forge.yaml"),
                               "--run", run_dir.name[:12]], capture_output=True, text=True)
@@ -269,7 +276,7 @@ def test_runs_list_show_and_compare(prepared, model_cache, uninterrupted, tmp_pa
 
     monkeypatch.setattr(render, "out_console", Console(width=200, highlight=False))  # whole hashes, no wrapping
 
-    run_a, _, metrics_a = uninterrupted
+    run_a, _, metrics_a, _ = uninterrupted
     job, run_b = _without_dropout(prepared, model_cache, "compared")
     _run(job)
     shutil.copytree(run_a, run_b.parent / run_a.name)  # both under the second job's output directory
@@ -374,7 +381,7 @@ def test_the_planners_cpu_estimate_bounds_the_measured_peak(uninterrupted):
     from forge.host import catalog
     from forge.host.memory import Shape, estimate
 
-    run_dir, _, metrics = uninterrupted
+    run_dir, _, metrics, _ = uninterrupted
     plan = load_plan(run_dir.parents[2] / "forge.yaml")
     entry = catalog.models()[plan.model.name]
     planned = estimate(Shape.of(entry), dtype=plan.train.dtype, quantization="none",
