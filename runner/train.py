@@ -129,7 +129,6 @@ def _backend(wanted: str, cuda: bool) -> str:
 
 def _peft_model(plan: Plan, model_dir: Path, cuda: bool):
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     spec = plan.train
@@ -144,7 +143,16 @@ def _peft_model(plan: Plan, model_dir: Path, cuda: bool):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization,
                                                  attn_implementation=spec.attention,
                                                  **({"device_map": {"": 0}} if cuda else {}))
-    if quantization is not None:
+    return add_lora(plan, model), tokenizer
+
+
+def add_lora(plan: Plan, model):
+    """The plan's gradient checkpointing and LoRA adapters on a loaded base model (bench/gpu_check.py calls
+    this on random-initialised models built from catalog shapes, so it measures the runner's own setup)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    spec = plan.train
+    if spec.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif spec.gradient_checkpointing:
@@ -155,9 +163,8 @@ def _peft_model(plan: Plan, model_dir: Path, cuda: bool):
     if missing:
         raise ConfigError(f"LoRA target modules not in this model: {', '.join(missing)}.",
                           "Fix train.lora.target_modules in forge.yaml.")
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    return model, tokenizer
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
 def _unsloth_model(plan: Plan, model_dir: Path):
