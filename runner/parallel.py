@@ -7,7 +7,9 @@ nothing heavy is pickled: only each task and its result cross the pipe. Each wor
 a worker that dies (killed, out of memory) is an error here, where `multiprocessing.Pool` would replace
 it and wait forever for the result it took with it. A worker dies with its parent
 (PR_SET_PDEATHSIG), so a `kill -9` of the runner leaves no orphan behind; stopping is the parent's
-business, so workers ignore Ctrl-C and keep SIGTERM's default.
+business, so workers ignore Ctrl-C and keep SIGTERM's default. However the parent leaves the map
+(done, an error, a stop, the caller letting go), its workers are killed and reaped there: they hold
+nothing worth a graceful exit, and waiting on one is how `forge prepare` used to hang.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import multiprocessing
+import os
 import queue
 import signal
 import threading
 from collections import deque
+from contextlib import contextmanager
 from multiprocessing.connection import wait
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -63,8 +67,12 @@ def _run(first, between, second, items, workers, in_flight):
         for _ in range(workers):
             tasks_out, tasks_in = _pipe(fork)
             results_out, results_in = _pipe(fork)
-            process = fork.Process(target=_serve, args=(tasks_out, results_in), daemon=True)
-            process.start()
+            # the worker closes its copies of this process's ends (its own and earlier workers'): holding its
+            # task pipe's writing end itself, it would never see the end of its input
+            ours = [end for ends in pipes for end in ends] + [tasks_in, results_out]
+            process = fork.Process(target=_serve, args=(tasks_out, results_in, ours, os.getpid()), daemon=True)
+            with _signals_held():
+                process.start()
             tasks_out.close()
             results_in.close()
             pipes.append((tasks_in, results_out))
@@ -97,9 +105,21 @@ def _run(first, between, second, items, workers, in_flight):
             for end in ends:
                 end.close()
         for process in processes:
-            process.terminate()
+            process.kill()  # SIGKILL: cannot be caught, ignored or held, whatever the worker is doing
         for process in processes:
             process.join()
+
+
+@contextmanager
+def _signals_held():
+    """SIGTERM and SIGINT held while a worker is forked: it starts with this process's handlers (the runner's
+    graceful stop only sets a flag), so one that reached it before `_init_worker` reset them would be
+    swallowed; held, it waits for the reset and then has its default effect."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class _Board:
@@ -159,10 +179,13 @@ def _pipe(fork):
     return receiving, sending
 
 
-def _serve(tasks_in, results_out) -> None:
+def _serve(tasks_in, results_out, parent_ends: list, parent: int) -> None:
     """A worker: a thread keeps taking tasks off the pipe while this one works, so the parent never blocks
-    sending a task while this worker blocks sending a result it has not yet read."""
-    _init_worker()
+    sending a task while this worker blocks sending a result it has not yet read. It ends when the parent
+    closes its task pipe, or dies."""
+    _init_worker(parent)
+    for end in parent_ends:
+        end.close()
     tasks: queue.SimpleQueue = queue.SimpleQueue()
 
     def receive() -> None:
@@ -180,20 +203,29 @@ def _serve(tasks_in, results_out) -> None:
         except Exception as exc:  # the parent re-raises it, hint and all
             reply = (task, False, exc)
         try:
-            results_out.send(reply)
-        except (BrokenPipeError, OSError):
+            try:
+                results_out.send(reply)
+            except (BrokenPipeError, OSError):
+                raise
+            except Exception:  # an unpicklable exception: send what it said
+                results_out.send((task, False, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]}")))
+        except OSError:  # the parent is gone or has let go: nobody is waiting for this
             return
-        except Exception:  # an unpicklable exception: send what it said
-            results_out.send((task, False, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]}")))
 
 
 _DONE = object()
 
 
-def _init_worker() -> None:
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _init_worker(parent: int) -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent still terminates its workers on a normal exit
+    except (OSError, AttributeError):  # not Linux: the parent still kills its workers on a normal exit
         pass
+    if os.getppid() != parent:  # the parent died before the line above: nobody would ever kill this one
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held since the fork (_signals_held)

@@ -133,3 +133,89 @@ def test_pipelined_halves_run_in_one_worker_with_the_middle_here_in_order(worker
     assert seen == list(range(40))
     assert [context for context, _ in out] == list(range(40))
     assert [result for _, result in out] == [(i, sum(j * j for j in range(i + 1)), True) for i in range(40)]
+
+
+_EARLY_EXITS = textwrap.dedent("""
+    import sys
+    import psutil
+    from forge.runner import stop
+    from forge.runner.parallel import ordered_map, pipelined_map
+
+    stop.install()  # the runner's graceful-stop handlers, which every worker starts with
+
+    def failing_input():
+        yield 1, 1
+        raise ValueError("the input ends in an error")
+
+    def failing_between(context, result):
+        raise ValueError("the step between fails")
+
+    case = sys.argv[1]
+    for attempt in range(20):  # the exits race the workers' start: try each many times
+        try:
+            if case == "no_input":
+                assert list(ordered_map(abs, [], workers=2)) == []
+            elif case == "input_fails":
+                list(ordered_map(abs, failing_input(), workers=2))
+            elif case == "task_fails":
+                list(ordered_map(int, [(1, "x")], workers=2))
+            elif case == "between_fails":
+                list(pipelined_map(abs, failing_between, abs, [(1, 1), (2, 2)], workers=2))
+            elif case == "caller_lets_go":
+                results = ordered_map(abs, ((i, i) for i in range(100)), workers=2)
+                next(results)
+                results.close()
+        except ValueError:
+            pass
+        else:
+            assert case in ("no_input", "caller_lets_go"), "the error did not reach the caller"
+        assert not psutil.Process().children(), f"workers left running after attempt {attempt}"
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("case", ["no_input", "input_fails", "task_fails", "between_fails", "caller_lets_go"])
+def test_every_early_exit_ends_the_workers(case):
+    """However the map ends (nothing to do, an error in the input, in a task or in the step between, the caller
+    letting go), it returns or raises at once and leaves no worker behind, even when it ends before its workers
+    have set up their signals (run apart, under the runner's stop handlers, so a hang fails on the timeout)."""
+    done = subprocess.run([sys.executable, "-c", _EARLY_EXITS, case], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_sigterm_at_the_moment_a_worker_is_forked_still_ends_it():
+    """A worker starts with the runner's handlers, whose SIGTERM only sets a flag; one that arrives before the
+    worker resets them must not be swallowed (here: sent by the worker to itself right after the fork)."""
+    program = textwrap.dedent("""
+        import os, signal, time
+        from forge.runner import stop
+        from forge.runner.parallel import ordered_map
+
+        stop.install()
+        os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            list(ordered_map(time.sleep, [(1, 30), (2, 30)], workers=2))
+        except RuntimeError as exc:
+            print(exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=25)
+    assert "worker process died" in done.stdout, done.stderr[-2000:]
+
+
+def _pipes_open_twice(_: int) -> list[str]:
+    pipes = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            pipes.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the directory listing's own descriptor, closed since
+            pass
+    pipes = [p for p in pipes if p.startswith("pipe:")]
+    return sorted({p for p in pipes if pipes.count(p) > 1})
+
+
+def test_no_worker_holds_both_ends_of_a_pipe():
+    """A worker holding its own task pipe's writing end would never see the end of its input. (Pipes this
+    process holds both ends of, the test runner's own, are in every worker too.)"""
+    here = set(_pipes_open_twice(0))
+    out = list(ordered_map(_pipes_open_twice, ((i, i) for i in range(8)), workers=3))
+    assert [set(twice) - here for _, twice in out] == [set()] * 8
