@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import make_pairs, write  # noqa: E402
 
 MODEL_CACHE = Path(os.environ.get("FORGE_MODEL_CACHE", Path.home() / ".cache" / "forge" / "models"))
+os.environ.setdefault("FORGE_PII_KEY", "forge-bench-pii-key-not-a-secret")  # the runner needs one (pii_key.py)
 
 
 def settle() -> None:

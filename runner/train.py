@@ -45,7 +45,9 @@ def train(plan: Plan) -> None:
     model_dir = models.resolve(plan.model, Path(plan.output.model_cache))
     dataset = dataset_dir(plan, model_dir)
     if not (dataset / "manifest.json").is_file():
-        raise DataError("No prepared dataset matches this plan's data and settings.", "Run `forge prepare` first.")
+        raise DataError("No prepared dataset matches this plan's data and settings.",
+                        "Run `forge prepare` first (with the same PII hashing key: a dataset prepared under another "
+                        "FORGE_PII_KEY or key file is another dataset).")
     run_dir = run_dir_for(plan, dataset)
     also_write_to(run_dir / "events.jsonl")
     if (run_dir / "metrics.json").is_file() and (run_dir / "adapter").is_dir():
@@ -61,7 +63,8 @@ def train(plan: Plan) -> None:
     model, tokenizer = _setup_model(plan, model_dir, cuda)
     rows = _read_table(dataset, "train", TRAIN_COLUMNS)
     if rows is None or not rows.num_rows:
-        raise DataError("The training split is empty.", "Add data or lower prepare.val_fraction, then prepare again.")
+        raise DataError("The training split is empty.", "Add data, or lower prepare.split.val and prepare.split.test "
+                        "in forge.yaml; then run `forge prepare` again.")
     effective = plan.train.micro_batch_size * plan.train.gradient_accumulation
     total_steps = plan.train.max_steps or plan.train.epochs * math.ceil(rows.num_rows / effective)
 

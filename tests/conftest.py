@@ -10,6 +10,9 @@ import pytest
 from forge.contract.plan import ModelSource, ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
+# Prepare and train need a PII hashing key, from the user as here (forge.contract.pii_key); the CLI tests hand
+# the same one to the runner container. Never a real secret: tests print it.
+os.environ.setdefault("FORGE_PII_KEY", "forge-tests-pii-key-not-a-secret")
 EXAMPLES = REPO / "examples"
 SMOLLM2 = ModelSpec(
     name="smollm2-135m-instruct",

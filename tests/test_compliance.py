@@ -3,11 +3,13 @@ point, decide(), and a report that lists row ids but never raw PII."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 
 import pytest
 
+from forge.contract.pii_key import PiiKey
 from forge.contract.plan import CheckSpec, ComplianceSpec
 from forge.errors import ConfigError
 from forge.runner.prepare.compliance import (
@@ -23,6 +25,7 @@ from forge.runner.prepare.compliance import (
 
 EMAIL = "jane.doe@example.com"
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+KEY = PiiKey.parse("compliance-tests-pii-key", "test")
 
 
 def turns(*contents: str) -> list[dict[str, str]]:
@@ -31,7 +34,7 @@ def turns(*contents: str) -> list[dict[str, str]]:
 
 
 def run(name: str, messages, **options) -> list[Finding]:
-    (check,) = load_checks(ComplianceSpec(checks=[CheckSpec(name=name, options=options)]))
+    (check,) = load_checks(ComplianceSpec(checks=[CheckSpec(name=name, options=options)]), KEY)
     assert check.name == name
     return list(check.fn(messages, {}))
 
@@ -131,15 +134,16 @@ def test_extra_terms_min_severity_and_roles():
 ])
 def test_bad_lexicon_options_are_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
-        load_checks(ComplianceSpec(checks=[CheckSpec(name="lexicon.toxicity", options=options)]))
+        load_checks(ComplianceSpec(checks=[CheckSpec(name="lexicon.toxicity", options=options)]), KEY)
 
 
 def test_residual_pii_reports_entity_and_hash_never_the_value():
     findings = run("privacy.residual_pii", turns(f"mail {EMAIL}", f"key {AWS_KEY}"))
     assert [(f.category, f.severity) for f in findings] == [("privacy", "medium"), ("privacy", "high")]
-    assert findings[0].detail.startswith("EMAIL sha256:") and findings[0].detail.endswith("in user turn 1")
-    assert findings[1].detail.startswith("API_KEY sha256:")
+    assert findings[0].detail == f"EMAIL hmac:{KEY.trace(EMAIL)} in user turn 1"
+    assert findings[1].detail == f"API_KEY hmac:{KEY.trace(AWS_KEY)} in assistant turn 2"
     assert EMAIL not in repr(findings) and AWS_KEY not in repr(findings)
+    assert not any(hashlib.sha256(v.encode()).hexdigest()[:16] in repr(findings) for v in (EMAIL, AWS_KEY))
 
 
 def test_residual_pii_ignores_placeholders_left_by_the_scrubber():
@@ -213,7 +217,7 @@ def test_dotted_path_check_runs_with_options_as_keyword_arguments(custom_module)
 
 
 def test_dotted_path_check_gets_the_row_tags(custom_module):
-    (check,) = load_checks(ComplianceSpec(checks=[CheckSpec(name=f"{custom_module}:tagged")]))
+    (check,) = load_checks(ComplianceSpec(checks=[CheckSpec(name=f"{custom_module}:tagged")]), KEY)
     assert [f.detail for f in check.fn(turns("hi", "hello"), {"lang": "en"})] == ["lang=en"]
 
 
@@ -225,20 +229,20 @@ def test_dotted_path_check_gets_the_row_tags(custom_module):
 ])
 def test_unknown_or_broken_checks_are_config_errors_that_say_how_to_fix(custom_module, name, message):
     with pytest.raises(ConfigError, match=message) as error:
-        load_checks(ComplianceSpec(checks=[CheckSpec(name=name)]))
+        load_checks(ComplianceSpec(checks=[CheckSpec(name=name)]), KEY)
     assert "package.module:function" in error.value.hint and "lexicon.toxicity" in error.value.hint
 
 
 def test_options_a_custom_check_does_not_take_fail_at_load_time(custom_module):
     with pytest.raises(ConfigError, match="does not accept"):
-        load_checks(ComplianceSpec(checks=[CheckSpec(name=f"{custom_module}:tagged", options={"limit": 3})]))
+        load_checks(ComplianceSpec(checks=[CheckSpec(name=f"{custom_module}:tagged", options={"limit": 3})]), KEY)
 
 
 @pytest.mark.parametrize("function, message", [("wrong_type", "a str instead of a Finding"),
                                                ("wrong_severity", "severity 'critical'"),
                                                ("crashes", "raised ValueError")])
 def test_a_custom_check_returning_junk_fails_by_name(custom_module, function, message):
-    (check,) = load_checks(ComplianceSpec(checks=[CheckSpec(name=f"{custom_module}:{function}")]))
+    (check,) = load_checks(ComplianceSpec(checks=[CheckSpec(name=f"{custom_module}:{function}")]), KEY)
     with pytest.raises(ConfigError, match=message) as error:
         check.fn(turns(f"mail {EMAIL}", "ho"), {})
     assert function in error.value.message and EMAIL not in error.value.message
@@ -252,11 +256,11 @@ def test_entry_point_check(tmp_path, monkeypatch, custom_module):
         f"[forge.compliance_checks]\nshouting = {custom_module}:no_shouting\nbroken = {custom_module}:nope\n")
     assert run("shouting", turns("AB CD EF GH IJ", "ok"), limit=1)[0].detail == "5 shouted words"
     with pytest.raises(ConfigError, match="Cannot load compliance check 'broken'"):
-        load_checks(ComplianceSpec(checks=[CheckSpec(name="broken")]))
+        load_checks(ComplianceSpec(checks=[CheckSpec(name="broken")]), KEY)
 
 
 def test_default_spec_loads_the_two_lexicon_checks():
-    assert [check.name for check in load_checks(ComplianceSpec())] == ["lexicon.toxicity", "lexicon.bias"]
+    assert [check.name for check in load_checks(ComplianceSpec(), KEY)] == ["lexicon.toxicity", "lexicon.bias"]
 
 
 # --- report -----------------------------------------------------------------------------------------------
@@ -266,7 +270,7 @@ def build_report(custom_module: str, examples: int = 1000) -> ComplianceReport:
     checks = load_checks(ComplianceSpec(checks=[
         CheckSpec(name="lexicon.toxicity"), CheckSpec(name="privacy.residual_pii"),
         CheckSpec(name=f"{custom_module}:leaky"),
-    ]))
+    ]), KEY)
     rows = {
         "a.jsonl:1": turns(f"you idiot, mail {EMAIL}", "no"),
         "a.jsonl:2": turns("hello", "hi"),
@@ -289,7 +293,7 @@ def test_report_json_counts_and_lists_row_ids_by_type(custom_module):
     assert data["by_check"] == {"custom.leaky": 3, "lexicon.toxicity": 2, "privacy.residual_pii": 2}
     assert [e["row_id"] for e in data["by_type"]["lexicon.toxicity"]["examples"]] == ["a.jsonl:1", "b.jsonl:7"]
     example = data["by_type"]["privacy.residual_pii"]["examples"][0]
-    assert example.pop("detail").startswith("EMAIL sha256:")
+    assert example.pop("detail").startswith("EMAIL hmac:")
     assert example == {"row_id": "a.jsonl:1", "source": "a.jsonl", "line": 1, "severity": "medium"}
 
 

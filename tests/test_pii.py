@@ -4,18 +4,25 @@ anywhere but the scrubbed text's own unchanged parts."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import random
+import re
 import sys
 import types
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from forge.contract.pii_key import PiiKey
 from forge.contract.plan import PiiSpec
 from forge.errors import ConfigError
 from forge.runner.prepare.pii import ENTITIES, PiiHit, RegexScrubber, ScrubResult, make_scrubber
 
+KEY = PiiKey.parse("pii-tests-key-0123456789", "test")
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
 PEM = (
     "-----BEGIN RSA PRIVATE KEY-----\n"
@@ -125,11 +132,11 @@ NEGATIVES = [
 
 @pytest.fixture
 def redact() -> RegexScrubber:
-    return RegexScrubber(PiiSpec())
+    return RegexScrubber(PiiSpec(), KEY)
 
 
 def digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()[:16]
+    return KEY.trace(value)
 
 
 @pytest.mark.parametrize("text, entity, expected", POSITIVES)
@@ -178,7 +185,7 @@ def test_random_prose_with_numbers_has_no_hits(redact):
 def test_a_rows_messages_scrubbed_together_are_each_scrubbed_alone():
     """scrub_many gates a row's messages once, on their joined text; it must never skip a hit `scrub` finds,
     with PII anywhere in any message, split across two, or absent."""
-    scrubber = RegexScrubber(PiiSpec())
+    scrubber = RegexScrubber(PiiSpec(), KEY)
     pieces = [text for text, _, _ in POSITIVES] + NEGATIVES + ["plain words here", "", "12345", "@", "://x", "v1.2.3"]
     rng, found = random.Random(3), 0
     for _ in range(3000):
@@ -190,7 +197,7 @@ def test_a_rows_messages_scrubbed_together_are_each_scrubbed_alone():
         found += any(result.hits for result in expected)
         assert scrubber.scrub_many(texts) == expected
     assert 500 < found < 3000  # rows with hits and rows without
-    assert make_scrubber(PiiSpec(enabled=False)).scrub_many(["a@b.co", "x"]) == [ScrubResult("a@b.co", (), False),
+    assert make_scrubber(PiiSpec(enabled=False), KEY).scrub_many(["a@b.co", "x"]) == [ScrubResult("a@b.co", (), False),
                                                                                 ScrubResult("x", (), False)]
 
 
@@ -205,25 +212,25 @@ EMAIL = "jane.doe@example.com"
     ("keep", f"to {EMAIL}."),
 ])
 def test_each_policy_rewrites_the_value(policy, expected):
-    result = RegexScrubber(PiiSpec(default=policy)).scrub(f"to {EMAIL}.")
+    result = RegexScrubber(PiiSpec(default=policy), KEY).scrub(f"to {EMAIL}.")
     assert result.text == expected
     assert result.hits == (PiiHit("EMAIL", digest(EMAIL), policy),)
     assert result.drop is (policy == "drop")
 
 
 def test_mask_keeps_separators_and_the_last_four():
-    result = RegexScrubber(PiiSpec(default="mask")).scrub("card 4111-1111-1111-1111 ssn 123-45-6789")
+    result = RegexScrubber(PiiSpec(default="mask"), KEY).scrub("card 4111-1111-1111-1111 ssn 123-45-6789")
     assert result.text == "card ****-****-****-1111 ssn ***-**-6789"
 
 
 def test_mask_hides_short_values_completely():
-    result = RegexScrubber(PiiSpec(default="mask")).scrub("https://bob:pw@host")
+    result = RegexScrubber(PiiSpec(default="mask"), KEY).scrub("https://bob:pw@host")
     assert result.text == "https://***:**@host"
 
 
 def test_policies_are_per_entity_with_a_default():
     spec = PiiSpec(default="redact", policies={"EMAIL": "hash", "CREDIT_CARD": "drop", "IPV4": "keep"})
-    result = RegexScrubber(spec).scrub(f"{EMAIL} 4111 1111 1111 1111 10.0.0.1 +1 415 555 2671")
+    result = RegexScrubber(spec, KEY).scrub(f"{EMAIL} 4111 1111 1111 1111 10.0.0.1 +1 415 555 2671")
     assert result.text == f"<EMAIL:{digest(EMAIL)[:8]}> <CREDIT_CARD> 10.0.0.1 <PHONE>"
     assert [(hit.entity, hit.action) for hit in result.hits] == [
         ("EMAIL", "hash"), ("CREDIT_CARD", "drop"), ("IPV4", "keep"), ("PHONE", "redact")]
@@ -232,37 +239,37 @@ def test_policies_are_per_entity_with_a_default():
 
 def test_url_credentials_policies_touch_only_user_and_password():
     text = "https://alice:s3cr3t@db.example.com/x"
-    hashed = RegexScrubber(PiiSpec(default="hash")).scrub(text)
+    hashed = RegexScrubber(PiiSpec(default="hash"), KEY).scrub(text)
     assert hashed.text == f"https://<URL_CREDENTIALS:{digest('alice:s3cr3t')[:8]}>@db.example.com/x"
     assert hashed.hits[0].value_hash == digest("alice:s3cr3t")
 
 
 def test_bearer_keeps_the_scheme_word():
-    assert RegexScrubber(PiiSpec()).scrub(f"Bearer {JWT}").text == "Bearer <API_KEY>"
+    assert RegexScrubber(PiiSpec(), KEY).scrub(f"Bearer {JWT}").text == "Bearer <API_KEY>"
 
 
 def test_unknown_entity_in_policies_is_a_config_error_naming_the_allowed_ones():
     with pytest.raises(ConfigError) as error:
-        make_scrubber(PiiSpec(policies={"EMAILS": "hash"}))
+        make_scrubber(PiiSpec(policies={"EMAILS": "hash"}), KEY)
     assert "EMAILS" in error.value.message
     assert all(entity in error.value.hint for entity in ENTITIES)
 
 
 def test_disabled_scrubbing_changes_nothing_but_still_checks_the_config():
     text = f"{EMAIL} 123-45-6789"
-    assert make_scrubber(PiiSpec(enabled=False)).scrub(text) == ScrubResult(text, (), False)
+    assert make_scrubber(PiiSpec(enabled=False), KEY).scrub(text) == ScrubResult(text, (), False)
     with pytest.raises(ConfigError):
-        make_scrubber(PiiSpec(enabled=False, policies={"NAME": "keep"}))
+        make_scrubber(PiiSpec(enabled=False, policies={"NAME": "keep"}), KEY)
 
 
 def test_make_scrubber_defaults_to_regex():
-    assert isinstance(make_scrubber(PiiSpec()), RegexScrubber)
+    assert isinstance(make_scrubber(PiiSpec(), KEY), RegexScrubber)
 
 
 def test_presidio_without_the_package_is_a_config_error_with_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # import fails even where it is installed
     with pytest.raises(ConfigError) as error:
-        make_scrubber(PiiSpec(backend="presidio"))
+        make_scrubber(PiiSpec(backend="presidio"), KEY)
     assert "pip install presidio-analyzer presidio-anonymizer" in error.value.hint
 
 
@@ -286,7 +293,7 @@ class FakeAnalyzer:
 
 def test_presidio_entities_map_to_ours_and_regex_still_covers_secrets(monkeypatch):
     monkeypatch.setitem(sys.modules, "presidio_analyzer", types.SimpleNamespace(AnalyzerEngine=FakeAnalyzer))
-    scrubber = make_scrubber(PiiSpec(backend="presidio", policies={"LOCATION": "keep"}))
+    scrubber = make_scrubber(PiiSpec(backend="presidio", policies={"LOCATION": "keep"}), KEY)
     result = scrubber.scrub(f"Alice in Paris mailed {EMAIL} from 2001:db8::1:2 with key AKIAIOSFODNN7EXAMPLE")
     assert result.text == "<PERSON> in Paris mailed <EMAIL> from <IPV6> with key <API_KEY>"
     assert [hit.entity for hit in result.hits] == ["PERSON", "LOCATION", "EMAIL", "IPV6", "API_KEY"]
@@ -300,7 +307,7 @@ SECRETS = [EMAIL, "+1 (415) 555-2671", "4111 1111 1111 1111", "123-45-6789", "DE
 
 @pytest.mark.parametrize("policy", ["redact", "mask", "hash", "drop", "keep"])
 def test_hits_carry_only_a_hash_of_the_value(policy):
-    result = RegexScrubber(PiiSpec(default=policy)).scrub(" | ".join(SECRETS))
+    result = RegexScrubber(PiiSpec(default=policy), KEY).scrub(" | ".join(SECRETS))
     assert [hit.value_hash for hit in result.hits] == [digest(value) for value in SECRETS]
     dumped = repr(result.hits) + json.dumps([asdict(hit) for hit in result.hits])
     for value in SECRETS:
@@ -311,7 +318,7 @@ def test_hits_carry_only_a_hash_of_the_value(policy):
 
 @pytest.mark.parametrize("policy", ["redact", "mask", "hash", "drop"])
 def test_scrubbed_text_holds_no_raw_value(policy):
-    text = RegexScrubber(PiiSpec(default=policy)).scrub(" | ".join(SECRETS)).text
+    text = RegexScrubber(PiiSpec(default=policy), KEY).scrub(" | ".join(SECRETS)).text
     for value in SECRETS:
         assert value not in text
 
@@ -321,8 +328,8 @@ def test_scrubbed_text_holds_no_raw_value(policy):
 
 def test_scrubbing_is_deterministic():
     text = " ".join(value for _, _, value in POSITIVES) + " " + " ".join(SECRETS)
-    first = RegexScrubber(PiiSpec(default="hash")).scrub(text)
-    assert all(RegexScrubber(PiiSpec(default="hash")).scrub(text) == first for _ in range(3))
+    first = RegexScrubber(PiiSpec(default="hash"), KEY).scrub(text)
+    assert all(RegexScrubber(PiiSpec(default="hash"), KEY).scrub(text) == first for _ in range(3))
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -340,3 +347,147 @@ def test_scrubbing_is_deterministic():
 ])
 def test_overlaps_resolve_to_the_more_specific_or_longer_hit(redact, text, expected):
     assert redact.scrub(text).text == expected
+
+
+# --- keyed traces: nothing to try candidate values against -------------------------------------------------
+
+def sha256_hex(value: str | bytes) -> str:
+    return hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()
+
+
+ssns = st.builds("{:03d}-{:02d}-{:04d}".format, st.integers(1, 665), st.integers(1, 99), st.integers(1, 9999))
+phones = st.builds("+1 ({}) 555-{:04d}".format, st.integers(201, 989), st.integers(0, 9999))
+emails = st.builds("{}@{}.com".format, st.from_regex(r"[a-z]{1,12}", fullmatch=True),
+                   st.from_regex(r"[a-z]{2,10}", fullmatch=True))
+key_texts = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Zs", "Cc"]), min_size=16, max_size=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.one_of(ssns, phones, emails), min_size=1, max_size=6), key_a=key_texts, key_b=key_texts,
+       filler=st.sampled_from(["", "see ", "numbers 12 and 2024; ", "call me: "]))
+def test_traces_are_keyed_hmacs_that_differ_by_key_and_never_show_the_key(values, key_a, key_b, filler):
+    """For any planted values and any two keys: each hit's trace is the HMAC under the key (the one form a
+    key holder can check with openssl), never the bare SHA-256 an attacker could try every SSN against;
+    the hash policy's placeholder is its prefix; other keys give other traces; the key is shown nowhere."""
+    assume(key_a.strip() != key_b.strip())
+    text = filler + " | ".join(values) + "."
+    a, b = PiiKey.parse(key_a, "a"), PiiKey.parse(key_b, "b")
+    result_a = RegexScrubber(PiiSpec(default="hash"), a).scrub(text)
+    result_b = RegexScrubber(PiiSpec(default="hash"), b).scrub(text)
+    assert [hit.value_hash for hit in result_a.hits] == [
+        hmac.new(key_a.strip().encode(), v.encode(), "sha256").hexdigest()[:16] for v in values]
+    for value, hit_a, hit_b in zip(values, result_a.hits, result_b.hits, strict=True):
+        assert sha256_hex(value)[:8] not in hit_a.value_hash + result_a.text
+        assert f":{hit_a.value_hash[:8]}>" in result_a.text
+        assert hit_a.value_hash != hit_b.value_hash
+    assert a.fingerprint != b.fingerprint
+    shown = repr(result_a) + repr(a) + a.fingerprint + json.dumps([asdict(hit) for hit in result_a.hits])
+    assert key_a.strip() not in shown and key_a.strip().encode().hex() not in shown
+
+
+def test_the_same_key_gives_the_same_traces_and_fingerprint():
+    again = PiiKey.parse("  pii-tests-key-0123456789\n", "again")  # surrounding whitespace is not part of a key
+    assert again.fingerprint == KEY.fingerprint and again.trace("123-45-6789") == KEY.trace("123-45-6789")
+    assert "pii-tests-key" not in repr(KEY) and KEY.fingerprint.startswith("hmac-sha256:")
+
+
+# The attacker's search space: a known SSN prefix and a known phone exchange, 10⁴ candidates each, small
+# enough to try all of them here (a real attacker tries all 10⁹ SSNs in minutes).
+SSN_SPACE = [f"123-45-{n:04d}" for n in range(1, 10000)]
+PHONE_SPACE = [f"+1 (415) 555-{n:04d}" for n in range(10000)]
+SSN_ROW = '{{"instruction": "Which SSN is on file?", "output": "The SSN on file is {}."}}'
+PHONE_ROW = '{{"instruction": "Which number should I call?", "output": "Call {} after nine."}}'
+
+
+@pytest.fixture
+def planted(tmp_path) -> tuple[list[Path], list[str]]:
+    """Rows each holding one SSN or phone number drawn from the attacker's space."""
+    rng = random.Random(14)
+    values = rng.sample(SSN_SPACE, 12) + rng.sample(PHONE_SPACE, 12)
+    rows = [(SSN_ROW if value in SSN_SPACE else PHONE_ROW).format(value) for value in values]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "planted.jsonl").write_text("\n".join(rows) + "\n")
+    return [data / "planted.jsonl"], values
+
+
+def _output_text(target: Path, tokenizer_dir: Path) -> str:
+    """Every output file's text, and the training text the Parquet shards hold as tokens, decoded."""
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    texts = []
+    for path in sorted(target.rglob("*")):
+        if path.suffix == ".parquet":
+            texts += tokenizer.decode_batch(pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist())
+        elif path.is_file():
+            texts.append(path.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(texts)
+
+
+def _recovered(text: str) -> set[str]:
+    """What trying every candidate recovers: values whose SHA-256 (whole-value, as `hash` and the audit wrote
+    it, or of the row they sit in) shows up in the outputs."""
+    shown = set(re.findall(r"[0-9a-f]{8,}", text))
+    shown |= {run[:8] for run in shown} | {run[:16] for run in shown}
+    found = set()
+    for space, row in ((SSN_SPACE, SSN_ROW), (PHONE_SPACE, PHONE_ROW)):
+        for value in space:
+            if {sha256_hex(value)[:8], sha256_hex(value)[:16], sha256_hex(row.format(value))[:16]} & shown:
+                found.add(value)
+    return found
+
+
+def test_no_planted_value_can_be_recovered_from_what_prepare_writes(tmp_path, model_cache, smollm2_dir, planted,
+                                                                    monkeypatch, capsys):
+    """prepare with `hash` for SSNs and phones: trying every candidate against the audit log, the placeholders
+    in the training text, the compliance report and every other output recovers nothing, while the key's
+    holder still finds each value's trace. Another key: another dataset, other traces, another fingerprint.
+    The same key again: the same bytes. Neither key's text appears in any output or event."""
+    from forge.runner.prepare.pipeline import dataset_dir, prepare
+    from tests.test_prepare import make_plan
+
+    files, values = planted
+    key_a, key_b = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
+    spec = {"pii": PiiSpec(default="hash"), "dedup": {"exact": False, "near": False}, "split": {"val": 0.25},
+            "compliance": {"checks": [{"name": "privacy.residual_pii"}]}}
+    monkeypatch.setenv("FORGE_PII_KEY", key_a)
+    plan = make_plan(tmp_path, model_cache, files, **spec)
+    prepare(plan)
+    target_a = dataset_dir(plan, smollm2_dir)
+    text = _output_text(target_a, smollm2_dir)
+    audit = (target_a / "audit.jsonl").read_text()
+
+    assert _recovered(text) == set()
+    assert all(PiiKey.parse(key_a, "a").trace(value) in audit for value in values)  # the key's holder can
+    manifest = json.loads((target_a / "manifest.json").read_text())
+    assert manifest["pii_key"] == PiiKey.parse(key_a, "a").fingerprint
+
+    digest_a = _tree_digest(target_a)
+    prepare(plan, rebuild=True)
+    assert _tree_digest(target_a) == digest_a  # a rerun with the same key: byte-identical
+
+    monkeypatch.setenv("FORGE_PII_KEY", key_b)
+    prepare(plan)
+    target_b = dataset_dir(plan, smollm2_dir)
+    assert target_b != target_a  # a different key is a different dataset, not a cache hit
+    text_b = _output_text(target_b, smollm2_dir)
+    assert _recovered(text_b) == set()
+    assert json.loads((target_b / "manifest.json").read_text())["pii_key"] == PiiKey.parse(key_b, "b").fingerprint
+    traces_a, traces_b = (_value_hashes(t / "audit.jsonl") for t in (target_a, target_b))
+    assert len(traces_a) == len(traces_b) == len(values) and not traces_a & traces_b
+
+    events = capsys.readouterr()
+    for key in (key_a, key_b):
+        assert key not in text + text_b + events.out + events.err
+        assert key not in (tmp_path / "forge.yaml").read_text()
+
+
+def _value_hashes(audit: Path) -> set[str]:
+    return {step["value_hash"] for line in audit.read_text().splitlines()
+            for step in json.loads(line)["steps"] if step["step"] == "pii"}
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_hex(p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}

@@ -6,3 +6,4 @@ OUTPUT_ROOT = "/out"
 MODEL_CACHE = "/models"
 LOCAL_MODEL = "/model"
 GOLD_ROOT = "/gold"  # train.eval.gold, read-only
+PII_KEY = "/run/secrets/forge-pii-key"  # the key for PII hashes (forge.contract.pii_key), a read-only file

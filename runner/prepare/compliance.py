@@ -7,8 +7,8 @@ without touching Forge. What a finding does to its row is not the check's busine
 severities to actions with the plan's `compliance.on` table, in one place.
 
 Findings end up in reports that people read and share, so a detail must never carry raw PII: the
-built-in checks report hashes, and custom checks' details are scrubbed as they come back (and again in
-the report), in case a check forgets.
+built-in checks report keyed traces (HMAC, `forge.contract.pii_key`), and custom checks' details are
+scrubbed as they come back (and again in the report), in case a check forgets.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from forge.contract.pii_key import PiiKey
 from forge.contract.plan import CheckSpec, ComplianceSpec, PiiSpec
 from forge.errors import ConfigError
 from forge.runner.prepare.pii import SECRETS, RegexScrubber
@@ -37,7 +38,7 @@ class Finding:
     check: str  # the check's name
     category: str  # privacy | bias | toxicity | custom
     severity: str  # low | medium | high (forge.contract.plan.Severity)
-    detail: str  # human-readable; must NEVER contain raw PII (use hashes)
+    detail: str  # human-readable; must NEVER contain raw PII (use keyed traces)
 
 
 CheckFn = Callable[[list[dict[str, str]], dict[str, str]], Iterable[Finding]]
@@ -49,7 +50,7 @@ class NamedCheck:
     fn: CheckFn
 
 
-_DETAIL_SCRUBBER = RegexScrubber(PiiSpec())
+_DETAIL_SCRUBBER = RegexScrubber(PiiSpec(), PiiKey.ephemeral())  # redacts: its traces are never written
 
 
 def scrub_detail(detail: str) -> str:
@@ -217,15 +218,15 @@ def _lexicon_check(category: str, name: str, options: Mapping[str, Any]) -> Chec
     return check
 
 
-def _residual_pii_check(name: str, options: Mapping[str, Any]) -> CheckFn:
-    """PII the scrubber left (policy `keep`, or scrubbing off): entity and value hash, never the value."""
+def _residual_pii_check(name: str, options: Mapping[str, Any], key: PiiKey) -> CheckFn:
+    """PII the scrubber left (policy `keep`, or scrubbing off): entity and keyed trace, never the value."""
     _options(name, options, {})
-    detector = RegexScrubber(PiiSpec(default="keep"))
+    detector = RegexScrubber(PiiSpec(default="keep"), key)
 
     def check(messages: list[dict[str, str]], tags: dict[str, str]) -> list[Finding]:
         return [
             Finding(name, "privacy", "high" if hit.entity in SECRETS else "medium",
-                    f"{hit.entity} sha256:{hit.value_hash} in {message['role']} turn {turn}")
+                    f"{hit.entity} hmac:{hit.value_hash} in {message['role']} turn {turn}")
             for turn, message in enumerate(messages, 1)
             for hit in detector.scrub(message["content"]).hits
         ]
@@ -233,9 +234,9 @@ def _residual_pii_check(name: str, options: Mapping[str, Any]) -> CheckFn:
     return check
 
 
-_BUILTINS: dict[str, Callable[[str, Mapping[str, Any]], CheckFn]] = {
-    "lexicon.toxicity": partial(_lexicon_check, "toxicity"),
-    "lexicon.bias": partial(_lexicon_check, "bias"),
+_BUILTINS: dict[str, Callable[[str, Mapping[str, Any], PiiKey], CheckFn]] = {  # (name, options, PII key)
+    "lexicon.toxicity": lambda name, options, key: _lexicon_check("toxicity", name, options),
+    "lexicon.bias": lambda name, options, key: _lexicon_check("bias", name, options),
     "privacy.residual_pii": _residual_pii_check,
 }
 
@@ -248,14 +249,15 @@ _HOW_TO_NAME = (
 )
 
 
-def load_checks(spec: ComplianceSpec) -> list[NamedCheck]:
-    """Every configured check, resolved and validated up front, so a typo fails before the first row."""
-    return [NamedCheck(check.name, _load(check)) for check in spec.checks]
+def load_checks(spec: ComplianceSpec, key: PiiKey) -> list[NamedCheck]:
+    """Every configured check, resolved and validated up front, so a typo fails before the first row; `key`
+    keys the traces a check reports."""
+    return [NamedCheck(check.name, _load(check, key)) for check in spec.checks]
 
 
-def _load(check: CheckSpec) -> CheckFn:
+def _load(check: CheckSpec, key: PiiKey) -> CheckFn:
     if check.name in _BUILTINS:
-        return _BUILTINS[check.name](check.name, check.options)
+        return _BUILTINS[check.name](check.name, check.options, key)
     fn = _import_dotted(check.name) if ":" in check.name else _entry_point(check.name)
     if not callable(fn):
         raise ConfigError(f"Compliance check {check.name!r} is not a function.", _HOW_TO_NAME)

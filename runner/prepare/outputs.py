@@ -142,6 +142,7 @@ def assemble(plan: Plan, work: Path, key: str, totals: ShardStats, prints: dict)
         "inputs": [{"file": Path(spec.path).name, **hashed} for spec, hashed in zip(plan.data.inputs, prints["inputs"])],
         "model": plan.model.name,
         "tokenizer": prints["tokenizer"],
+        "pii_key": prints["pii_key"],  # which key traced the PII (its fingerprint): other keys' traces differ
         "chat_template": plan.model.chat_template,
         "max_length": spec.max_length,
         "labels": spec.labels,

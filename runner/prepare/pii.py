@@ -5,8 +5,10 @@ once, one pass per entity family, each behind a cheap prefilter (no '@' → no e
 nine digits → no phone/card/SSN/IBAN scan). Checksums (Luhn, IBAN mod-97, `ipaddress`) turn loose
 candidates into confident hits, which keeps false positives off ordinary numbers.
 
-A raw value never leaves this module: a hit carries only the first 16 hex of its SHA-256, so reports
-and logs can count and correlate hits without holding the data they are meant to remove.
+A raw value never leaves this module: a hit carries only its keyed trace (HMAC-SHA256 under the user's
+key, `forge.contract.pii_key`), so reports and logs can count and correlate hits without holding the data
+they are meant to remove, and without letting anyone recover a short value (an SSN, a phone number) by
+hashing every candidate.
 
 Documented detection decisions (the tests pin each one):
 - Phones need a `+` country code, the US 3-3-4 shape, or a leading-0 national number, with separators,
@@ -24,13 +26,13 @@ Documented detection decisions (the tests pin each one):
 from __future__ import annotations
 
 import bisect
-import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
+from forge.contract.pii_key import PiiKey
 from forge.contract.plan import PiiSpec
 from forge.errors import ConfigError
 
@@ -52,7 +54,7 @@ _PRIORITY = {name: rank for rank, name in enumerate(
 @dataclass(frozen=True)
 class PiiHit:
     entity: str
-    value_hash: str  # sha256 hex of the raw matched value, first 16 chars: the only trace of the value anywhere
+    value_hash: str  # the value's keyed trace (PiiKey.trace): the only trace of the value anywhere
     action: str  # the PiiPolicy applied
 
 
@@ -72,11 +74,6 @@ class Scrubber(Protocol):
 class _OneByOne:
     def scrub_many(self, texts: list[str]) -> list[ScrubResult]:
         return [self.scrub(text) for text in texts]
-
-
-def value_hash(value: str) -> str:
-    """The one-way trace of a value: enough to count repeats across rows, not to recover the value."""
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:16]
 
 
 # --- detection --------------------------------------------------------------------------------------------
@@ -354,14 +351,14 @@ def _rewrite(entity: str, value: str, policy: str, digest: str) -> str:
     return f"<{entity}>"  # redact, drop
 
 
-def _apply(text: str, spans: list[_Span], policy_for: Callable[[str], str]) -> ScrubResult:
+def _apply(text: str, spans: list[_Span], policy_for: Callable[[str], str], key: PiiKey) -> ScrubResult:
     pieces: list[str] = []
     hits: list[PiiHit] = []
     position = 0
     for span in spans:
         value = text[span.cut_start:span.cut_end]
         policy = policy_for(span.entity)
-        digest = value_hash(value)
+        digest = key.trace(value)
         pieces += [text[position:span.cut_start], _rewrite(span.entity, value, policy, digest)]
         position = span.cut_end
         hits.append(PiiHit(span.entity, digest, policy))
@@ -383,11 +380,12 @@ def _policy_table(spec: PiiSpec, allowed: tuple[str, ...]) -> Mapping[str, str]:
 
 
 class RegexScrubber:
-    """The default backend: fast, dependency-free, and deterministic."""
+    """The default backend: fast, dependency-free, and deterministic (for a given key)."""
 
-    def __init__(self, spec: PiiSpec) -> None:
+    def __init__(self, spec: PiiSpec, key: PiiKey) -> None:
         self._policies = _policy_table(spec, ENTITIES)
         self._default = spec.default
+        self._key = key
 
     def _policy_for(self, entity: str) -> str:
         return self._policies.get(entity, self._default)
@@ -396,7 +394,7 @@ class RegexScrubber:
         spans = _resolve(_candidates(text))
         if not spans:
             return ScrubResult(text, (), False)
-        return _apply(text, spans, self._policy_for)
+        return _apply(text, spans, self._policy_for, self._key)
 
     def scrub_many(self, texts: list[str]) -> list[ScrubResult]:
         """`scrub` of each text, the prefilters run once over them all first: they look for substrings, so
@@ -428,9 +426,10 @@ class PresidioScrubber(_OneByOne):
     secrets Presidio has no recognizer for. Our own policy code rewrites the spans, so both backends
     produce the same placeholders and hashes."""
 
-    def __init__(self, spec: PiiSpec, language: str = "en") -> None:
+    def __init__(self, spec: PiiSpec, key: PiiKey, language: str = "en") -> None:
         self._policies = _policy_table(spec, ENTITIES + PRESIDIO_ONLY)
         self._default = spec.default
+        self._key = key
         self._language = language
         try:
             from presidio_analyzer import AnalyzerEngine
@@ -448,7 +447,7 @@ class PresidioScrubber(_OneByOne):
         found = self._analyzer.analyze(text=text, language=self._language, entities=list(_FROM_PRESIDIO))
         spans = [self._span(result.entity_type, result.start, result.end, text) for result in found]
         spans += _candidates(text, SECRETS)
-        return _apply(text, _resolve(spans), self._policy_for)
+        return _apply(text, _resolve(spans), self._policy_for, self._key)
 
     @staticmethod
     def _span(presidio_entity: str, start: int, end: int, text: str) -> _Span:
@@ -458,9 +457,10 @@ class PresidioScrubber(_OneByOne):
         return _Span(start, end, entity, start, end)
 
 
-def make_scrubber(spec: PiiSpec) -> Scrubber:
-    """The scrubber for `prepare.pii`: the regex backend by default, Presidio when asked for."""
+def make_scrubber(spec: PiiSpec, key: PiiKey) -> Scrubber:
+    """The scrubber for `prepare.pii`: the regex backend by default, Presidio when asked for; `key` keys the
+    hits' traces."""
     if not spec.enabled:
         _policy_table(spec, ENTITIES + PRESIDIO_ONLY if spec.backend == "presidio" else ENTITIES)  # typos still fail
         return _PassThrough()
-    return PresidioScrubber(spec) if spec.backend == "presidio" else RegexScrubber(spec)
+    return PresidioScrubber(spec, key) if spec.backend == "presidio" else RegexScrubber(spec, key)

@@ -5,7 +5,8 @@ state plus the list of finished shards, committed together). A shard's files are
 before its commit, so after a kill -9 a rerun redoes at most the shard in flight and produces the
 same bytes. When every shard is done, the run's files are assembled and the directory is renamed to
 `datasets/<key>/`: the key covers the inputs' content, the config, the tokenizer, the template and
-the pipeline version, so an unchanged rerun is a cache hit and any change is a new dataset.
+the pipeline version and the PII key's fingerprint, so an unchanged rerun is a cache hit and any change
+is a new dataset.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Iterator
 
+from forge.contract.pii_key import PiiKey, runner_key
 from forge.contract.plan import Plan
 from forge.errors import DataError
 from forge.runner import models, stop
@@ -41,9 +43,10 @@ CHUNK_BYTES = 4 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def fingerprint(plan: Plan, model_dir: Path) -> dict:
+def fingerprint(plan: Plan, model_dir: Path, key: PiiKey | None = None) -> dict:
     """Everything the output depends on, hashed once: the inputs' content, the config, the tokenizer files, the
-    template text and the pipeline version. The dataset key is its hash; the manifest records it."""
+    template text, the pipeline version and which key traced the PII (the runner's key by default). The
+    dataset key is its hash; the manifest records it."""
     from forge.runner.prepare.tokenize import chat_template_for
 
     inputs = []
@@ -58,6 +61,7 @@ def fingerprint(plan: Plan, model_dir: Path) -> dict:
         "prepare": plan.prepare.model_dump(mode="json", exclude={"workers"}),  # any worker count writes the same bytes
         "tokenizer": {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()},
         "template": sha256_json(chat_template_for(plan.model.chat_template, model_dir)),
+        "pii_key": (key or runner_key()).fingerprint,
     }
 
 
@@ -67,8 +71,9 @@ def dataset_dir(plan: Plan, model_dir: Path, prints: dict | None = None) -> Path
 
 def prepare(plan: Plan, rebuild: bool = False) -> None:
     model_dir = models.resolve(plan.model, Path(plan.output.model_cache))
+    key = runner_key()  # before any work: a missing key fails the run at once
     with stage("hash", total=len(plan.data.inputs), unit="files") as progress:
-        prints = fingerprint(plan, model_dir)
+        prints = fingerprint(plan, model_dir, key)
         target = dataset_dir(plan, model_dir, prints)
         progress.advance(len(plan.data.inputs))
     work = target.with_name(f".{target.name}.partial")
@@ -83,7 +88,7 @@ def prepare(plan: Plan, rebuild: bool = False) -> None:
     work.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(work / "state.sqlite", isolation_level="DEFERRED")
     try:
-        totals = _run_shards(plan, model_dir, work, db, [i["sha256"] for i in prints["inputs"]])
+        totals = _run_shards(plan, model_dir, work, db, [i["sha256"] for i in prints["inputs"]], key)
     finally:
         db.close()
     with stage("assemble", total=1, unit="dataset") as progress:
@@ -96,7 +101,7 @@ def prepare(plan: Plan, rebuild: bool = False) -> None:
 
 
 def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connection,
-                file_hashes: list[str]) -> ShardStats:
+                file_hashes: list[str], key: PiiKey) -> ShardStats:
     """Shards in input order: this process parses and dedups each chunk of records, workers run the steps
     after dedup, and each finished shard is written and committed with its dedup state."""
     from forge.runner.prepare.dedup import Deduplicator
@@ -111,7 +116,7 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
     written = max((seq for seq, _ in done.values()), default=0)
     if deduplicator and deduplicator.last_seq > written:
         deduplicator.forget_after(written)  # rows committed ahead of the last written shard: check them again
-    stages = Stages(plan, model_dir)
+    stages = Stages(plan, model_dir, key)
     workers = spec.workers or usable_cpus()
     if workers > 1:  # each worker tokenizes on one CPU; the runner itself tokenizes nothing
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from forge.contract.pii_key import PiiKey
 from forge.contract.plan import PrepareSpec
 from forge.runner.prepare.clean import clean_messages
 from forge.runner.prepare.rows import FORMATS, Invalid, detect_format, to_conversation
@@ -33,7 +34,8 @@ class Row:
     id: str
     source: str
     line: int
-    input_hash: str
+    input_hash: str  # sha256 of the raw record, first 16 hex: decides the split, never written
+    input_trace: str  # its keyed trace (PiiKey): what the audit log shows, as a raw row may be guessable
     record: RawRecord | None  # dropped once parsed
     fmt: str
     base_tags: dict[str, str]
@@ -56,9 +58,10 @@ class Row:
         self.audit.append({"step": kind, "reason": reason, **({"duplicate_of": duplicate_of} if duplicate_of else {})})
 
 
-def make_row(source: str, file_hash: str, record: RawRecord, fmt: str, tags: dict[str, str]) -> Row:
+def make_row(source: str, file_hash: str, record: RawRecord, fmt: str, tags: dict[str, str], key: PiiKey) -> Row:
     return Row(id=f"{file_hash[:8]}:{record.line}", source=source, line=record.line,
-               input_hash=hashlib.sha256(record.raw).hexdigest()[:16], record=record, fmt=fmt, base_tags=tags)
+               input_hash=hashlib.sha256(record.raw).hexdigest()[:16], input_trace=key.trace(record.raw),
+               record=record, fmt=fmt, base_tags=tags)
 
 
 def file_format(records: list[RawRecord], declared: str) -> str:
@@ -192,5 +195,5 @@ line_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 
 
 def audit_line(row: Row) -> str:
-    return line_json({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_hash,
+    return line_json({"id": row.id, "source": row.source, "line": row.line, "input_hash": row.input_trace,
                       "steps": row.audit})

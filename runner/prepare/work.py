@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge.contract.pii_key import PiiKey
 from forge.contract.plan import Plan
 from forge.runner.prepare import steps
 from forge.runner.prepare.parts import Part
@@ -42,9 +43,9 @@ class Stages:
     `parse` makes the rows and sketches them for dedup and keeps them; `finish` takes dedup's verdicts and
     runs the steps after it (PII, compliance, template fit, tokenize, split) and lays the rows out as their
     output files want them. Only the records, the sketches, the verdicts and those parts cross between
-    processes."""
+    processes. `key` keys every trace of a value the outputs carry (PII hits, the audit's input hashes)."""
 
-    def __init__(self, plan: Plan, model_dir: Path) -> None:
+    def __init__(self, plan: Plan, model_dir: Path, key: PiiKey) -> None:
         from forge.runner.prepare.compliance import load_checks
         from forge.runner.prepare.dedup import Sketcher
         from forge.runner.prepare.pii import make_scrubber
@@ -53,15 +54,16 @@ class Stages:
         self.spec, self.template = plan.prepare, plan.model.chat_template
         dedup = self.spec.dedup
         self.sketcher = Sketcher(dedup) if dedup.exact or dedup.near else None
-        self.scrubber = make_scrubber(self.spec.pii) if self.spec.pii.enabled else None
-        self.checks = load_checks(self.spec.compliance)
+        self.key = key
+        self.scrubber = make_scrubber(self.spec.pii, key) if self.spec.pii.enabled else None
+        self.checks = load_checks(self.spec.compliance, key)
         self.encoder = Encoder(load_tokenizer(model_dir, self.template), self.spec.labels)
         self.held: dict[int, tuple[list[steps.Row], list[steps.Row]]] = {}
 
     def parse(self, task: tuple[int, list[tuple[Source, list[RawRecord]]]]):
         """(ids of the rows that parsed, their dedup sketches or None)."""
         number, parts = task
-        rows = [steps.make_row(source.name, source.file_hash, record, source.fmt, dict(source.tags))
+        rows = [steps.make_row(source.name, source.file_hash, record, source.fmt, dict(source.tags), self.key)
                 for source, records in parts for record in records]
         parsed = steps.parse(rows)
         self.held[number] = (rows, parsed)
