@@ -65,6 +65,8 @@ SMALL = 2e9  # parameters: shapes up to this get the small emulated card, 3 grid
 class Check:
     """The report, the deadline, and the work folder; `section` runs one part and records how it ended."""
 
+    grace_s = 30.0  # past the deadline, for the point in flight to finish before the watchdog ends the process
+
     def __init__(self, out: Path, device: str, deadline_s: float) -> None:
         self.out, self.device, self.cuda = out, device, device == "cuda"
         self.started = time.monotonic()
@@ -82,6 +84,7 @@ class Check:
         record = self.report["sections"].setdefault(name, {})
         if self.remaining() < 5:
             record.update(status="skipped", reason="deadline reached before this section")
+            self.write()
             return None
         started = time.monotonic()
         record["status"] = "running"
@@ -115,7 +118,7 @@ class Check:
             print(f"gpu_check: deadline of {self.deadline_s:.0f} s passed; report written to {self.out}", flush=True)
             os._exit(3)
 
-        timer = threading.Timer(self.deadline_s + 30, expire)
+        timer = threading.Timer(self.deadline_s + self.grace_s, expire)
         timer.daemon = True
         timer.start()
 
@@ -410,8 +413,8 @@ def training(record: dict, check: Check, base_plan, settings: dict):
 
 
 def throughput(record: dict, check: Check, base_plan, settings: dict):
-    """The same model, rows and batch through ForgeSFTTrainer and through a bare Trainer, twice each in turn;
-    the best of each, so a warm-up or a clock change does not decide the ratio."""
+    """The same model, rows and batch through ForgeSFTTrainer and through a bare Trainer, in turn (twice each on
+    CUDA); the best of each, so a warm-up or a clock change does not decide the ratio."""
     from datasets import Dataset
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
@@ -442,7 +445,7 @@ def throughput(record: dict, check: Check, base_plan, settings: dict):
             return _rate(clock.times, micro * seq)
 
         forge_rates, bare_rates = [], []
-        for _ in range(2):
+        for _ in range(settings["rounds"]):
             forge_rates.append(run_forge(check, shaped, plan, rows, micro * seq)["tokens_per_s"])
             bare_rates.append(bare())
         best_forge, best_bare = max(filter(None, forge_rates)), max(filter(None, bare_rates))
@@ -718,13 +721,34 @@ def summary(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration(report: dict) -> dict:
+    """The memory grid in plans/calibration's format (tests/test_calibration.py holds the planner to it): the
+    measured peak is the device's whole use, the allocator's reserved peak plus the CUDA context, as the planner
+    budgets free memory; the fits are the largest micro-batches that trained under an emulated card's headroom."""
+    memory_section = report["sections"].get("memory", {})
+    det = report["sections"].get("detection", {}).get("hardware", {})
+    gpu = (det.get("gpus") or [{}])[0]
+    lora = report.get("lora", {})
+    return {"device": gpu.get("name", "cpu"), "accelerator": report["device"], "backend": "transformers",
+            "memory_total_mib": gpu.get("memory_total_mib"), "cuda_context_mib": report.get("cuda_context_mib"),
+            "rank": lora.get("r"), "lora_dropout": lora.get("dropout"), "environment": report["environment"],
+            "command": report["command"],
+            "points": [{"model": p["model"], "quantization": p["quantization"], "checkpointing": p["checkpointing"],
+                        "seq": p["seq"], "micro": p["micro"], "measured_mb": p["measured_mib"],
+                        "allocated_mb": p.get("allocated_mib"), "reserved_mb": p.get("reserved_mib")}
+                       for p in memory_section.get("points", []) if "measured_mib" in p and not p.get("backoffs")],
+            "fits": [{key: f[key] for key in ("model", "seq", "card_gib", "budget_mib", "checkpointing",
+                                              "largest_micro", "boundary_confirmed")}
+                     for f in memory_section.get("fits", [])]}
+
+
 def settings_for(device: str, args) -> dict:
     if device == "cuda":
         return {"shapes": args.shapes or GPU_SHAPES, "layers": None, "seqs": args.seqs or [512, 2048],
-                "micros": [1, 2, 4], "oom_seq": 2048, "throughput": ("qwen2.5-0.5b-instruct", 1024, 8, 10)}
+                "micros": [1, 2, 4], "oom_seq": 2048, "throughput": ("qwen2.5-0.5b-instruct", 1024, 8, 10), "rounds": 2}
     # CPU: SmolLM2's widths with 2 layers, short rows: the same code paths in seconds
     return {"shapes": args.shapes or ["smollm2-135m-instruct"], "layers": 2, "seqs": args.seqs or [64],
-            "micros": [1, 2], "oom_seq": 32, "throughput": ("smollm2-135m-instruct", 64, 2, 4)}
+            "micros": [1, 2], "oom_seq": 32, "throughput": ("smollm2-135m-instruct", 64, 2, 4), "rounds": 1}
 
 
 def main() -> int:
@@ -759,6 +783,7 @@ def main() -> int:
         check.write(finished=True)
         return 1
     hardware, base_plan = planned
+    check.report["lora"] = {"r": base_plan.train.lora.r, "dropout": base_plan.train.lora.dropout}
     for name, fn, extra in (("selfcheck", selfcheck, (hardware,)),
                             ("training", training, (check, base_plan, settings)),
                             ("throughput", throughput, (check, base_plan, settings)),
@@ -767,6 +792,7 @@ def main() -> int:
         if name in wanted:
             check.section(name, fn, *extra)
     check.write(finished=True)
+    _atomic(check.out / "calibration.json", json.dumps(calibration(check.report), indent=1) + "\n")
     shutil.rmtree(check.work, ignore_errors=True)
     failed = [name for name, section in check.report["sections"].items() if section["status"] == "failed"]
     print(summary(check.report))
