@@ -154,8 +154,8 @@ def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effectiv
             f"{quantization if quantization != 'none' else '16-bit'} training needs "
             f"{peak(quantization, 1, True).total / GIB:.1f} GiB at one {seq_len}-token sequence with gradient "
             f"checkpointing; {where} is available.",
-            "Pick a smaller model, lower prepare.max_length (e.g. --goal with a shorter preset), use "
-            "--quantization 4bit on a GPU, or free GPU memory.")
+            "Pick a smaller model (--model), a goal with shorter sequences (the first argument, e.g. `forge plan "
+            "smoke`; plans/presets.yaml), --quantization 4bit on a GPU, or free GPU memory.")
     limit = min(effective, MAX_MICRO_BATCH)
     checkpointing = peak(quantization, min(4, limit), False).total > budget
     micro = 1
