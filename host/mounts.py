@@ -87,21 +87,29 @@ def build_mounts(plan: Plan, plan_dir: Path) -> Mounts:
     return mounts
 
 
-def expand(pattern: str, plan_dir: Path) -> list[Path]:
-    """The files an input names: itself, or what its glob matches (sorted, so the order is stable)."""
+def expand(pattern: str, plan_dir: Path, typed: str | None = None) -> list[Path]:
+    """The files an input names: itself, or what its glob matches (sorted, so the order is stable). `typed` is
+    the path as given to `forge plan --data`, when it came from there: errors then name that, not forge.yaml."""
     path = plan_dir / Path(pattern).expanduser()
     if glob.has_magic(pattern):
         found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not found:
-            raise DataError(f"No files match {pattern!r} (forge.yaml data.inputs).",
-                            "Fix the pattern (relative to forge.yaml), e.g. data/*.jsonl or data/**/*.parquet.")
-        return found
-    if not path.is_file():
-        raise DataError(
-            f"Data file not found: {path.resolve()} (forge.yaml data.inputs entry {pattern!r}).",
-            "Fix the path in forge.yaml (relative to the file itself) or re-run `forge plan --data ...`.",
-        )
-    return [path.resolve()]
+        if found:
+            return found
+        if typed is not None:
+            raise DataError(f"No files match --data {typed!r}.",
+                            "Fix the pattern (relative to the current directory), e.g. --data 'data/*.jsonl' "
+                            "(quoted, so the shell leaves it to Forge) or --data 'data/**/*.parquet'.")
+        raise DataError(f"No files match {pattern!r} (forge.yaml data.inputs).",
+                        "Fix the pattern (relative to forge.yaml), e.g. data/*.jsonl or data/**/*.parquet.")
+    if path.is_file():
+        return [path.resolve()]
+    if typed is not None:
+        raise DataError(f"Data file not found: --data {typed!r} ({path.resolve()}).",
+                        "Fix the path (relative to the current directory, or absolute) and run `forge plan` again.")
+    raise DataError(
+        f"Data file not found: {path.resolve()} (forge.yaml data.inputs entry {pattern!r}).",
+        "Fix the path in forge.yaml (relative to the file itself) or re-run `forge plan --data ...`.",
+    )
 
 
 def container_user() -> str:

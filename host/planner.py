@@ -49,7 +49,7 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
     inputs = []
     for given in data:
         absolute = os.path.join(os.getcwd(), given)  # an absolute path stays as it is
-        expand(absolute, plan_dir)  # fails now, naming the input, rather than in the container
+        expand(absolute, plan_dir, typed=given)  # fails now, naming the input, rather than in the container
         inputs.append(InputSpec(path=os.path.relpath(absolute, plan_dir.resolve()), format=fmt))
 
     dtype = "bfloat16" if hardware.accelerator == "cuda" else "float32"
