@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -108,8 +109,21 @@ def preset(name: str) -> Preset:
         return presets()[name]
     except KeyError:
         raise ConfigError(
-            f"Unknown goal {name!r}.", f"Use one of: {', '.join(presets())} (defined in plans/presets.yaml)."
+            f"Unknown goal {name!r}.{_did_you_mean(name, list(presets()))}",
+            f"Use one of: {', '.join(presets())} (defined in plans/presets.yaml), as the first argument: "
+            "`forge plan smoke --data ...`.",
         ) from None
+
+
+def _did_you_mean(name: str, known: list[str], aliases: dict[str, str] | None = None) -> str:
+    """" Did you mean a or b?" for the known names nearest `name` (any case), or ""; `aliases` maps other
+    names (lower-case Hub repo ids) to known ones, for a name nearer an alias ("HuggingFaceTB/SmolLM2-360M")."""
+    wanted = name.strip().lower()
+    close = difflib.get_close_matches(wanted, known, n=3, cutoff=0.6)
+    for alias in difflib.get_close_matches(wanted, list(aliases or {}), n=3, cutoff=0.6):
+        if aliases[alias] not in close:
+            close.append(aliases[alias])
+    return f" Did you mean {' or '.join(close[:3])}?" if close else ""
 
 
 def resolve_model(name_or_path: str) -> tuple[str, CatalogModel | None, ModelSource]:
@@ -125,9 +139,17 @@ def resolve_model(name_or_path: str) -> tuple[str, CatalogModel | None, ModelSou
                 "Point --model at a directory saved with save_pretrained, or use a catalog name.",
             )
         return path.name, None, ModelSource(kind="local", path=str(path.resolve()))
+    repos = {entry.source.repo.lower(): key for key, entry in models().items() if entry.source.repo}
+    if name_or_path.lower() in repos:
+        raise ModelError(f"{name_or_path!r} is a Hugging Face Hub id; the catalog calls that model "
+                         f"{repos[name_or_path.lower()]!r}.", f"Use --model {repos[name_or_path.lower()]}.")
+    hub = "/" in name_or_path and not name_or_path.startswith((".", "/", "~"))
     raise ModelError(
-        f"Unknown model {name_or_path!r}: not in the catalog and not a local directory.",
-        f"Use one of: {', '.join(models())} (plans/models.yaml), or a path to a local model directory.",
+        f"Unknown model {name_or_path!r}: not in the catalog and not a local directory."
+        + (" Hugging Face Hub ids outside the catalog are not supported yet." if hub else "")
+        + _did_you_mean(name_or_path, list(models()), repos),
+        f"Use one of: {', '.join(models())} (plans/models.yaml), or a path to a local model directory"
+        + (f" (e.g. `hf download {name_or_path} --local-dir DIR`, then --model DIR)." if hub else "."),
     )
 
 
