@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from forge.contract.plan import DedupSpec
+from forge.errors import DataError
 from forge.runner.prepare import dedup as dedup_module
 from forge.runner.prepare.dedup import Deduplicator, _Sketcher, band_params, normalise_for_dedup
 
@@ -273,8 +274,16 @@ def test_reusing_a_state_with_other_settings_is_refused():
     Deduplicator(db, DedupSpec()).check("a", text(1))
     Deduplicator(db, DedupSpec())  # same settings: fine
     for other in (DedupSpec(threshold=0.7), DedupSpec(num_perm=64), DedupSpec(near=False), DedupSpec(shingle_words=3)):
-        with pytest.raises(ValueError, match="fresh database or the same dedup settings"):
+        with pytest.raises(DataError, match="built with other settings") as error:  # a user's error, with its fix
             Deduplicator(db, other)
+        assert "forge prepare --rebuild" in error.value.hint
+
+
+def test_a_refused_state_names_its_file(tmp_path):
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    Deduplicator(db, DedupSpec()).check("a", text(1))
+    with pytest.raises(DataError, match=f"The dedup state in {tmp_path / 'state.sqlite'} was built"):
+        Deduplicator(db, DedupSpec(threshold=0.7))
 
 
 def test_the_threshold_is_honoured():

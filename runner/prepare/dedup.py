@@ -48,6 +48,7 @@ from hashlib import blake2b
 import numpy as np
 
 from forge.contract.plan import DedupSpec
+from forge.errors import DataError
 
 Verdict = tuple[str, str | None]
 
@@ -364,10 +365,13 @@ class Deduplicator:
         if stored is None:
             cur.execute("INSERT INTO dedup_meta (key, value) VALUES ('spec', ?)", (json.dumps(wanted, sort_keys=True),))
         elif json.loads(stored[0]) != wanted:
-            raise ValueError(
-                f"This dedup state was built with {stored[0]}, not {json.dumps(wanted, sort_keys=True)}: "
-                "rows checked under other settings cannot be compared. Use a fresh database or the same dedup settings."
-            )
+            where = next((row[2] for row in cur.execute("PRAGMA database_list") if row[1] == "main" and row[2]),
+                         "this database")
+            raise DataError(
+                f"The dedup state in {where} was built with other settings ({stored[0]}), not these "
+                f"({json.dumps(wanted, sort_keys=True)}): rows checked under other settings cannot be compared.",
+                "Rerun with `forge prepare --rebuild` to start this dataset over (it discards the partial output), "
+                "or delete that file; or use the dedup settings it was built with.")
         self.last_seq = cur.execute("SELECT COALESCE(MAX(seq), 0) FROM dedup_row").fetchone()[0]
         self._filter = self._load_filter(cur) if spec.near else None
 
