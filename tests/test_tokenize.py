@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from forge.errors import ConfigError
+from forge.runner.prepare.rows import Invalid
 from forge.runner.prepare.templates import NAMED, misfit
 from forge.runner.prepare.tokenize import IGNORE, Encoder, load_tokenizer
 
@@ -50,10 +51,51 @@ def test_whole_sequence_learns_everything(tokenizer):
     assert labels.tolist() == ids.tolist()
 
 
-def test_fast_spans_agree_with_rendering_each_prefix(tokenizer):
-    encoder = Encoder(tokenizer)
-    text = encoder._render(CHAT)
-    assert encoder._fast_spans(text, CHAT) == encoder._slow_spans(text, CHAT)
+@pytest.mark.parametrize("name", ["model", "chatml", "qwen", "llama-3", "gemma"])
+def test_spans_agree_with_rendering_each_prefix(smollm2_dir, name):
+    """For templates that render a conversation as a prefix of its continuation, an assistant turn spans from
+    the end of the generation prompt before it to the end of the conversation that ends with it."""
+    encoder = Encoder(load_tokenizer(smollm2_dir, name))
+    text, spans = encoder.render(CHAT)
+    assert spans == [(len(encoder._render(CHAT[:index], add_generation_prompt=True)), len(encoder._render(CHAT[:index + 1])))
+                     for index in (1, 3)]
+
+
+MULTIPLE_CHOICE = [{"role": "user", "content": "Which is a prime? A) 4 B) 7"}, {"role": "assistant", "content": "B"},
+                   {"role": "user", "content": "Which is even? A) 4 B) 7"}, {"role": "assistant", "content": "A"}]
+
+
+def test_one_letter_answers_with_a_template_that_closes_every_rendering(smollm2_dir):
+    """phi-3 ends every rendering with eos_token, so no rendering of a prefix is a prefix of the whole: one-letter
+    answers (which also occur in the questions and in "<|assistant|>") are still located, each with its end."""
+    tokenizer = load_tokenizer(smollm2_dir, "phi-3")
+    ((ids, labels),) = Encoder(tokenizer).encode_batch([MULTIPLE_CHOICE])
+    assert learned(tokenizer, ids, labels) == "B<|end|>\nA<|end|>\n<|im_end|>"  # SmolLM2's eos_token closes it
+
+
+# Upper-cases content that starts with "shout" (no form of it fits its slot) and marks the last message (so a
+# turn renders differently once more follow); refuses "boom".
+ODD = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no booms') }}{% endif %}"
+       "<{{ m['role'] }}>{% if loop.last %}(last){% endif %}\n"
+       "{{ m['content'] | upper if m['content'].startswith('shout') else m['content'] }}</s>\n{% endfor %}")
+
+
+def test_a_template_that_rewrites_content_is_labelled_turn_by_turn_or_the_row_rejected(smollm2_dir, tmp_path):
+    """Rewritten content is placed by rendering up to each turn; where that cannot work either (a rewritten
+    turn followed by more) or the template raises, that row is a reject with its reason, and the rows around it
+    are encoded as usual."""
+    path = tmp_path / "odd.jinja"
+    path.write_text(ODD)
+    encoder = Encoder(load_tokenizer(smollm2_dir, str(path)))
+    shout = {"role": "assistant", "content": "shout it"}
+    rows = [CHAT, [CHAT[0], shout], [CHAT[0], shout, *CHAT[2:]], [CHAT[0], {"role": "assistant", "content": "boom"}],
+            CHAT[:2]]
+    good, rewritten, unlocatable, refused, short = encoder.encode_batch(rows)
+    assert learned(encoder.tokenizer, *good) == "Red.</s>\nBlue.</s>\n"
+    assert learned(encoder.tokenizer, *rewritten) == "SHOUT IT</s>\n"
+    assert isinstance(unlocatable, Invalid) and unlocatable.reason == "template_unlabelable"
+    assert isinstance(refused, Invalid) and refused.reason == "template_error" and "no booms" in str(refused)
+    assert learned(encoder.tokenizer, *short) == "Red.</s>\n"
 
 
 @pytest.mark.parametrize("name", NAMED)

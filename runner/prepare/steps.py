@@ -156,8 +156,11 @@ def fit_template(rows: list[Row], template: str) -> list[Row]:
 
 def tokenize(rows: list[Row], encoder, spec: PrepareSpec) -> list[Row]:
     kept = []
-    for row, (ids, labels) in zip(rows, encoder.encode_batch([row.messages for row in rows])):
+    for row, encoded in zip(rows, encoder.encode_batch([row.messages for row in rows])):
         try:
+            if isinstance(encoded, Invalid):  # the template refuses the row, or its turns cannot be located
+                raise encoded
+            ids, labels = encoded
             row.examples, row.length = apply_length_policy(ids, labels, spec.max_length, spec.length_policy)
         except Invalid as exc:
             row.remove("rejected", exc.reason, str(exc))

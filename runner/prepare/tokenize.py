@@ -1,8 +1,8 @@
 """Render conversations with a chat template and tokenize them, labelling only what the model should learn.
 
-Assistant spans are found in a single render: each assistant message's content is located in order,
-and the template's end-of-turn text (learned once from a probe conversation) is labelled with it, so
-the model learns to stop. Rows where that shortcut does not hold fall back to rendering each prefix.
+Each row is rendered once; where its assistant turns lie (and what closes each, learned with it so the model
+learns to stop) follows from the template's own rendering of the row's shape (spans.py), never from searching
+the text. A row the template refuses or whose turns cannot be located is a reject with its reason.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from forge.errors import ConfigError
 from forge.runner.prepare.rows import Invalid
 
 IGNORE = -100
-_PROBE = [{"role": "user", "content": "FORGE-PROBE-USER"}, {"role": "assistant", "content": "FORGE-PROBE-ASSISTANT"},
-          {"role": "user", "content": "FORGE-PROBE-USER-2"}, {"role": "assistant", "content": "FORGE-PROBE-ASSISTANT-2"}]
 
 
 class Encoded(NamedTuple):  # a tuple: pickled to the main process cheaply (a slots dataclass is not, on 3.11)
@@ -132,21 +130,31 @@ def load_tokenizer(model_dir: Path, chat_template: str) -> ChatTokenizer:
 
 
 class Encoder:
+    """Token ids and labels for conversations, in one of the label modes (forge.contract.plan's
+    PrepareSpec.labels): every assistant turn, the last one, or the whole sequence. Assistant spans are located
+    by construction (spans.py), each with what closes its turn, so the model learns to stop."""
+
     def __init__(self, tokenizer, labels: str = "all_assistant") -> None:
+        from jinja2 import TemplateError
+
+        from forge.runner.prepare.spans import Locator
+
         self.tokenizer, self.labels = tokenizer, labels
-        # What follows an assistant message: at the end of a conversation (e.g. "<|end|>\n<|endoftext|>"), and
-        # the part of that which also ends a middle turn (e.g. "<|end|>\n"). Both are learned, so the model stops.
-        last = self._after(self._render(_PROBE[:2]), _PROBE[1]["content"])
-        middle = self._after(self._render(_PROBE), _PROBE[1]["content"])
-        self.turn_ends = (last, self._common_tokens(last, middle))
+        self._template_error = TemplateError  # what a template's raise_exception raises: that row's reject
+        self.locator = Locator(self._render, self._common_tokens)
         self.prefix, self.prefix_ids = self._fixed_prefix()
 
     def _fixed_prefix(self) -> tuple[str, list[int]]:
         """What every conversation without a system message starts with (a default system prompt, say), up to
         a point where the tokenizer splits anyway: tokenized once instead of once per row (about 10% of the
         tokenizing for SmolLM2's template). Checked on two probes; empty when it cannot be used."""
-        first = self._render([{"role": "user", "content": "FORGE-PROBE-A"}, {"role": "assistant", "content": "x"}])
-        second = self._render([{"role": "user", "content": "forge probe b"}, {"role": "assistant", "content": "y"}])
+        import jinja2
+
+        try:
+            first = self._render([{"role": "user", "content": "FORGE-PROBE-A"}, {"role": "assistant", "content": "x"}])
+            second = self._render([{"role": "user", "content": "forge probe b"}, {"role": "assistant", "content": "y"}])
+        except jinja2.TemplateError:  # a template that wants more than a bare exchange: no shortcut
+            return "", []
         prefix = first[: self.tokenizer.split_point(os.path.commonprefix([first, second]))]
         if not prefix:
             return "", []
@@ -164,59 +172,39 @@ class Encoder:
             same += 1
         return a[: first.offsets[same - 1][1]] if same else ""
 
-    @staticmethod
-    def _after(text: str, content: str) -> str:
-        return text[text.index(content) + len(content):]
-
     def _render(self, messages, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.render(messages, add_generation_prompt)
 
     def render(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the character spans to learn."""
-        text = self._render(messages)
+        """The rendered text and the character spans to learn; Invalid (a reject reason) for a row the template
+        refuses or whose assistant turns cannot be located."""
+        try:
+            text = self._render(messages)
+        except self._template_error as exc:
+            raise Invalid("template_error", f"the chat template refuses this row: {exc}") from None
         if self.labels == "whole_sequence":
             return text, [(0, len(text))]
-        spans = self._fast_spans(text, messages)
-        if spans is None:
-            spans = self._slow_spans(text, messages)
-        return text, spans[-1:] if self.labels == "last_turn" else spans
+        spans = self.locator.assistant_spans(text, messages)
+        return text, [(start, end) for start, end, _ in (spans[-1:] if self.labels == "last_turn" else spans)]
 
-    def _fast_spans(self, text: str, messages) -> list[tuple[int, int]] | None:
-        spans, cursor = [], 0
-        for message in messages:
-            content = message["content"].strip()
-            start = text.find(content, cursor)
-            if start < 0:
-                return None
-            end = start + len(content)
-            if message["role"] == "assistant":
-                suffix = next((s for s in self.turn_ends if text.startswith(s, end)), None)
-                if suffix is None:
-                    return None
-                end += len(suffix)
-                spans.append((start, end))
-            cursor = end
-        return spans
+    def encode_batch(self, conversations: list[list[dict[str, str]]]) -> list[tuple[np.ndarray, np.ndarray] | Invalid]:
+        """Per conversation, token ids and labels (IGNORE outside the learned spans) as int32 arrays, untruncated,
+        or the Invalid that rejects it."""
+        results: list = [None] * len(conversations)
+        rendered, where = [], []
+        for index, messages in enumerate(conversations):
+            try:
+                rendered.append(self.render(messages))
+                where.append(index)
+            except Invalid as exc:
+                results[index] = exc
+        for index, encoded in zip(where, self._encode_rendered(rendered), strict=True):
+            results[index] = encoded
+        return results
 
-    def _slow_spans(self, text: str, messages) -> list[tuple[int, int]]:
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = len(self._render(messages[:index], add_generation_prompt=True))
-            end = len(self._render(messages[: index + 1]))
-            if not text.startswith(self._render(messages[: index + 1])) or start > end:
-                raise ConfigError(
-                    "The chat template does not render a conversation as a prefix of its continuation, "
-                    "so assistant turns cannot be located.",
-                    "Use a template that renders turns in order (e.g. chatml) via model.chat_template.",
-                )
-            spans.append((start, end))
-        return spans
-
-    def encode_batch(self, conversations: list[list[dict[str, str]]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Token ids and labels (IGNORE outside the learned spans) as int32 arrays, untruncated."""
-        rendered = [self.render(messages) for messages in conversations]
+    def _encode_rendered(self, rendered: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not rendered:
+            return []
         # rows that start with the fixed prefix (and learn nothing inside it) encode only what follows it
         size = len(self.prefix)
         cuts = [size if size and text.startswith(self.prefix) and all(start >= size for start, _ in spans) else 0
