@@ -2,7 +2,8 @@
 
 The official texts are kept verbatim in tests/fixtures/official_templates/ (sources: plans/templates/SOURCES.md).
 Every conversation is rendered through ours and the official one with the same special tokens, with and
-without the generation prompt; where the official raises, ours must raise the same error.
+without the generation prompt; where the official raises, ours must raise the same error. Where ours differs
+on purpose (alpaca's eos_token after each response), the official text is compared with that change applied.
 """
 
 from __future__ import annotations
@@ -78,8 +79,21 @@ CONVERSATIONS = {
 }
 
 
+# Where ours deliberately differs from the official text (plans/templates/SOURCES.md says why): the official
+# text with these replacements is what ours must render byte for byte.
+CHANGES = {
+    "alpaca": [("### Response:\n{{ message['content']|trim -}}",  # each response ends with eos_token
+                "### Response:\n{{ message['content']|trim + eos_token -}}")],
+}
+
+
 def official(name: str) -> str:
-    return (OFFICIAL / f"{name}.jinja").read_text(encoding="utf-8")
+    """The official template's text, with our documented changes (CHANGES) applied."""
+    text = (OFFICIAL / f"{name}.jinja").read_text(encoding="utf-8")
+    for old, new in CHANGES.get(name, []):
+        assert text.count(old) == 1, f"{name}: the official text no longer has {old!r} once"
+        text = text.replace(old, new)
+    return text
 
 
 def outcome(text: str, messages, add_generation_prompt: bool, tokens: dict[str, str]):
@@ -178,7 +192,7 @@ FORMATS = {  # the documented prompt formats, for [system?, user, assistant, use
                "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "alpaca": "<s>Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n### Instruction:\nBye### Response:\n",
+    "alpaca": "<s>Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nBye### Response:\n",
     "gemma": "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
              "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
     "mistral": "<s> [INST] Be brief.\n\nHi [/INST] Hello!</s> [INST] Bye [/INST]",

@@ -2,7 +2,8 @@
 
 A template spec is "model" (the tokenizer's own template), a name in NAMED (plans/templates/<name>.jinja) or a
 path to a Jinja file. Each named template renders byte for byte what its family's official template renders
-(tests/test_templates.py proves it against the official texts, whose sources plans/templates/SOURCES.md lists).
+(tests/test_templates.py proves it against the official texts, whose sources plans/templates/SOURCES.md lists),
+but for one change made for training: alpaca ends each response with eos_token, as Stanford Alpaca does.
 `misfit` says, before rendering, why a conversation cannot be written in a family's format.
 """
 
