@@ -57,8 +57,8 @@ def test_spans_agree_with_rendering_each_prefix(smollm2_dir, name):
     the end of the generation prompt before it to the end of the conversation that ends with it."""
     encoder = Encoder(load_tokenizer(smollm2_dir, name))
     text, spans = encoder.render(CHAT)
-    assert spans == [(len(encoder._render(CHAT[:index], add_generation_prompt=True)), len(encoder._render(CHAT[:index + 1])))
-                     for index in (1, 3)]
+    assert spans == [(len(encoder._render(CHAT[:index], add_generation_prompt=True)),
+                      len(encoder._render(CHAT[:index + 1]))) for index in (1, 3)]
 
 
 MULTIPLE_CHOICE = [{"role": "user", "content": "Which is a prime? A) 4 B) 7"}, {"role": "assistant", "content": "B"},

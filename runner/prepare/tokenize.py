@@ -202,7 +202,8 @@ class Encoder:
             results[index] = encoded
         return results
 
-    def _encode_rendered(self, rendered: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _encode_rendered(self, rendered: list[tuple[str, list]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Ids and labels of rendered texts, each with its character spans to learn."""
         if not rendered:
             return []
         # rows that start with the fixed prefix (and learn nothing inside it) encode only what follows it
