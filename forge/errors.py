@@ -71,5 +71,13 @@ class QueueError(ForgeError):
     code = "queue"
 
 
+class OutOfMemoryError(ForgeError):
+    """The runner or one of its processes was killed for memory. Not in ERRORS_BY_CODE, which lists what would
+    fail the same way again: with its state kept, a rerun resumes and may get further."""
+
+    exit_code = 137  # what a process the kernel's OOM killer ended exits with: 128 + SIGKILL
+    code = "oom"
+
+
 ERRORS_BY_CODE = {cls.code: cls for cls in (ForgeError, ConfigError, DataError, ModelError, EngineError, ImageError,
                                             HardwareError, QueueError)}

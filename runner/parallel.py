@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from multiprocessing.connection import wait
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from forge.errors import OutOfMemoryError
+
 C = TypeVar("C")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,7 +79,7 @@ def _run(first, between, second, items, workers, in_flight):
             results_in.close()
             pipes.append((tasks_in, results_out))
             processes.append(process)
-        board = _Board(pipes)
+        board = _Board(pipes, processes)
         limit = max(in_flight or 4 * workers, 1)
         firsts: deque = deque()  # (context, task, worker), in input order
         seconds: deque = deque()
@@ -126,7 +128,8 @@ class _Board:
     """Tasks sent and results received, per worker. A new task goes to the worker with the fewest left to
     do, so one slow task does not leave another worker idle; results are kept by task number until taken."""
 
-    def __init__(self, pipes: list) -> None:
+    def __init__(self, pipes: list, processes: list) -> None:
+        self.processes = processes
         self.tasks = [tasks for tasks, _ in pipes]
         self.pipes = [results for _, results in pipes]
         self.results: list[dict] = [{} for _ in pipes]
@@ -163,9 +166,25 @@ class _Board:
         try:
             task, ok, value = self.pipes[worker].recv()
         except EOFError:
-            raise RuntimeError("A prepare worker process died (killed, or out of memory?).") from None
+            raise _death(self.processes[worker]) from None
         self.results[worker][task] = (ok, value)
         self.busy[worker] -= 1
+
+
+def _death(process) -> Exception:
+    """Why a worker ended without a result. A SIGKILL is how the kernel's out-of-memory killer ends a process
+    (nothing else in a runner container sends one to a worker alone): the user's to fix, so a Forge error that
+    says how. Any other end is a bug."""
+    process.join(timeout=5)
+    code = process.exitcode
+    if code == -signal.SIGKILL:
+        return OutOfMemoryError(
+            "A prepare worker process was killed (SIGKILL), most likely by the kernel for lack of memory.",
+            "Give the runner more memory (a higher `forge prepare --memory`, or free RAM), or lower "
+            "prepare.shard_rows or prepare.workers in forge.yaml; then rerun `forge prepare` to resume.")
+    if code is None or code >= 0:
+        return RuntimeError(f"A prepare worker process died ({'still running' if code is None else f'exit {code}'}).")
+    return RuntimeError(f"A prepare worker process died (signal {-code}: {signal.strsignal(-code)}).")
 
 
 def _pipe(fork):

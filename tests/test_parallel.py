@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from forge.errors import ConfigError
+from forge.errors import ConfigError, OutOfMemoryError
 from forge.runner.parallel import ordered_map
 
 
@@ -219,3 +219,16 @@ def test_no_worker_holds_both_ends_of_a_pipe():
     here = set(_pipes_open_twice(0))
     out = list(ordered_map(_pipes_open_twice, ((i, i) for i in range(8)), workers=3))
     assert [set(twice) - here for _, twice in out] == [set()] * 8
+
+
+def _killed_for_memory(_: int):
+    os.kill(os.getpid(), signal.SIGKILL)  # how the kernel's out-of-memory killer ends a process
+
+
+def test_a_worker_killed_for_memory_is_an_out_of_memory_error_with_its_fix_not_a_bug():
+    with pytest.raises(OutOfMemoryError) as error:
+        list(ordered_map(_killed_for_memory, [(1, 1), (2, 2)], workers=2))
+    assert "lack of memory" in error.value.message
+    assert "--memory" in error.value.hint and "prepare.shard_rows" in error.value.hint
+    with pytest.raises(RuntimeError, match=r"worker process died \(exit 3\)"):  # any other death: still a bug
+        list(ordered_map(_die, [(1, 1)], workers=2))

@@ -305,3 +305,33 @@ def test_rows_are_read_lazily(tmp_path, model_cache, monkeypatch, messy):
     monkeypatch.setattr(pipeline, "read_records", endless)
     plan = make_plan(tmp_path, model_cache, messy[:1])
     assert len(list(islice(pipeline._records(plan, ["0" * 64]), 300))) == 300
+
+
+def test_a_worker_killed_for_memory_is_reported_as_out_of_memory_with_its_fix(tmp_path, model_cache, smollm2_dir):
+    """The kernel's OOM killer SIGKILLs one worker mid-run: the runner reports an out-of-memory error saying how
+    to fix it (exit 137, as a container killed for memory), not "a Forge bug" with a traceback."""
+    import psutil
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from generate import make_pairs, write
+
+    data = tmp_path / "data"
+    write(make_pairs(20000, seed=3), data)
+    make_plan(tmp_path, model_cache, sorted(data.iterdir()), shard_rows=2000, workers=2)
+    child = subprocess.Popen([sys.executable, "-m", "forge.runner", "prepare", "--config", str(tmp_path / "forge.yaml")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    events = []
+    for line in child.stdout:
+        events.append(json.loads(line) if line.startswith("{") else {})
+        if events[-1].get("kind") == "progress" and events[-1].get("stage") == "process" and events[-1]["done"]:
+            break  # the workers are busy
+    workers = psutil.Process(child.pid).children()
+    assert workers, "prepare finished before a worker could be killed; raise the data size"
+    workers[0].send_signal(signal.SIGKILL)
+    out, err = child.communicate(timeout=120)
+    (error,) = [e for e in map(json.loads, filter(lambda line: line.startswith("{"), out.splitlines()))
+                if e["kind"] == "error"]
+    assert child.returncode == 137 and error["code"] == "oom", err[-2000:]
+    assert "lack of memory" in error["message"] and "--memory" in error["hint"] and "prepare.workers" in error["hint"]
+    assert "Forge bug" not in out + err and "Traceback" not in err
