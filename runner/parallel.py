@@ -141,7 +141,10 @@ class _Board:
         self.collect()
         worker = self.busy.index(min(self.busy)) if worker is None else worker
         task, self.count = self.count, self.count + 1
-        self.tasks[worker].send((task, stage, payload))
+        try:
+            self.tasks[worker].send((task, stage, payload))
+        except BrokenPipeError:  # the worker is gone: say why, as a result it never sent would
+            raise _death(self.processes[worker]) from None
         self.busy[worker] += 1
         return task, worker
 
