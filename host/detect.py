@@ -11,7 +11,7 @@ from typing import Protocol
 
 import psutil
 
-from forge.contract.compat import arch_for, parse_version
+from forge.contract.compat import ARCH_CAPABILITIES, arch_for, parse_version
 from forge.contract.plan import Gpu, Hardware
 from forge.errors import HardwareError
 
@@ -102,6 +102,10 @@ def arm64_only(compute_capability: str) -> str | None:
     return None
 
 
+def _capabilities() -> str:
+    return ", ".join(cap for caps in ARCH_CAPABILITIES.values() for cap in caps)
+
+
 def detect(provider: GpuProvider | None = None, select: list[str] | None = None) -> Hardware:
     """The machine as the planner sees it. `select` picks GPUs by index or UUID (MIG slices by their UUID).
     GPUs no image covers lead to a CPU plan, with the reason; arm64-only parts are an error."""
@@ -122,23 +126,19 @@ def detect(provider: GpuProvider | None = None, select: list[str] | None = None)
             gpu, kind = boards[0]
             raise HardwareError(
                 f"{gpu.name} (compute capability {gpu.compute_capability}) is {kind}: an arm64 system, and Forge's "
-                "images are built for x86_64 GPUs (compute capability 8.0, 8.6, 8.9, 9.0, 10.x, 12.x).",
+                f"images are built for x86_64 GPUs (compute capability {_capabilities()}).",
                 "Run Forge on an x86_64 machine with such a GPU, or plan for the CPU image with --cpu on an "
                 "x86_64 host.")
-        note = report.problem or "no GPU with compute capability 8.0 or newer (" + ", ".join(
+        note = report.problem or f"no GPU that a Forge image has code for ({_capabilities()}: " + ", ".join(
             f"{gpu.name} is {gpu.compute_capability}" for gpu in gpus
         ) + ")"
         return Hardware(accelerator="cpu", arch="cpu", note=f"CPU plan: {note}.", **common)
     arch = arch_for(usable[0].compute_capability)
     same_arch = [gpu for gpu in usable if arch_for(gpu.compute_capability) == arch]
-    return Hardware(
-        accelerator="cuda",
-        arch=arch,
-        gpus=same_arch,
-        note=f"{len(same_arch)}× {same_arch[0].name} (compute capability {same_arch[0].compute_capability}"
-             + (", MIG slice" if same_arch[0].mig else "") + ").",
-        **common,
-    )
+    first = same_arch[0]
+    note = (f"{len(same_arch)}× {first.name} (compute capability {first.compute_capability}"
+            + (", MIG slice" if first.mig else "") + ").")
+    return Hardware(accelerator="cuda", arch=arch, gpus=same_arch, note=note, **common)
 
 
 def _selected(report: GpuReport, select: list[str]) -> list[Gpu]:

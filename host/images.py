@@ -15,7 +15,7 @@ from forge.host.engine import client
 from forge.host.planner import image_name
 
 LABEL_PREFIX = "dev.forge"
-ARCHES = ("cpu", "ampere", "ada", "hopper", "blackwell")
+ARCHES = compat.ARCHES  # cpu and the GPU families, named once in forge.contract.compat
 DEFAULT_LOCAL_BASE = "forge-base:bookworm"
 TORCH_VERSION = "2.13.0"
 # The packages whose code runs in the image, and where they live in a checkout (pyproject's package-dir).

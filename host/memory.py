@@ -2,6 +2,9 @@
 
 peak = weights + LoRA parameters, gradients and AdamW states + activations + logits + framework overhead
 
+Some terms depend on the backend that trains (`backend`): transformers + PEFT (the CPU image, and a GPU
+without Unsloth), or Unsloth (the `auto` backend in the GPU images).
+
 - Weights: parameters × bytes of the dtype; 4-bit (NF4 with double quantization) is 4.127 bits per
   parameter, 8-bit 1 byte plus a scale per row; embeddings and lm_head stay 16-bit (bitsandbytes skips them).
 - LoRA: r × (in + out) parameters per adapted matrix per layer, trained in float32: weight, gradient
@@ -10,13 +13,17 @@ peak = weights + LoRA parameters, gradients and AdamW states + activations + log
   with memory-efficient attention, so no sequence² term): what backward keeps of a block:
   its normed inputs, q/k/v and the attention output, the MLP's up/gate products and their activation.
   With gradient checkpointing only each layer's input is kept, plus the layer being recomputed and its
-  gradients.
-- Logits: batch × sequence × vocab, and at the loss four float32 buffers as large: the upcast copy, the
-  log-softmax, and the gradients of both.
+  gradients. Unsloth's checkpointing moves each layer's input to pinned host RAM as soon as the layer has
+  run (unsloth_zoo's offloaded checkpointer), so the GPU keeps only its two staging buffers of one input.
+- Logits: transformers computes the model's own loss over the full logits: batch × sequence × vocab, and
+  at the loss four float32 buffers as large (the upcast copy, the log-softmax, and the gradients of both).
+  Unsloth's fused cross-entropy never builds them: it runs lm_head and the loss chunk by chunk, each chunk
+  at most UNSLOTH_CE_CHUNK (16 bytes per token and vocabulary entry: bf16 logits, fp32 copy,
+  log-softmax, gradient), plus the gradient of the final hidden states.
 - Overhead: the CUDA context, cuBLAS workspaces and allocator slack on a GPU; on CPU the Python process
   with torch and transformers imported.
 
-The constants are first-principles estimates; CALIBRATION_NOTE says what they have been checked against.
+Which terms have been checked against measured peaks, and where, is forge.host.calibration's to say.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 GPU_OVERHEAD = 0.9 * GIB  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces
 CPU_OVERHEAD = 363 * 2**20  # RSS of the CPU image's python after importing the training stack (measured)
 ALLOCATOR_SLACK = 1.10  # fragmentation of the caching allocator on activations
-CALIBRATION_NOTE = ("Checked against measured peaks on CPU (SmolLM2-135M, 24 settings, within 15%: "
-                    "plans/calibration/); not yet against a GPU.")
+BACKENDS = ("transformers", "unsloth")
+UNSLOTH_CE_BYTES_PER_LOGIT = 16  # unsloth_zoo's _CE_BYTES_PER_LOGIT
+UNSLOTH_CE_CHUNK = 4 * GIB  # unsloth_zoo's per-chunk cap (_CE_CAP_MIN_GB; it also stays under half of what is free)
+UNSLOTH_OFFLOAD_BUFFERS = 2  # the offloaded checkpointer's double-buffered GPU staging of one layer's input
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,11 @@ class Shape:
         return shapes.get(module)
 
 
+TERMS = ("weights", "lora", "activations", "logits", "overhead")
+LABELS = {"weights": "weights", "lora": "LoRA params + grads + AdamW", "activations": "activations",
+          "logits": "logits and loss", "overhead": "framework overhead", "total": "total"}
+
+
 @dataclass(frozen=True)
 class Breakdown:
     weights: float
@@ -83,10 +97,12 @@ class Breakdown:
     def total(self) -> float:
         return self.weights + self.lora + self.activations + self.logits + self.overhead
 
+    def terms(self) -> list[tuple[str, float]]:
+        """(term, bytes) for each term and the total, in the order `forge plan --explain` shows them."""
+        return [*((term, getattr(self, term)) for term in TERMS), ("total", self.total)]
+
     def rows(self) -> list[tuple[str, float]]:
-        return [("weights", self.weights), ("LoRA params + grads + AdamW", self.lora),
-                ("activations", self.activations), ("logits (fp32 loss)", self.logits),
-                ("framework overhead", self.overhead), ("total", self.total)]
+        return [(LABELS[term], value) for term, value in self.terms()]
 
 
 def lora_params(shape: Shape, targets: list[str], rank: int) -> int:
@@ -106,7 +122,14 @@ def activation_bytes_per_token_layer(shape: Shape, dtype_bytes: int) -> float:
 
 
 def estimate(shape: Shape, *, dtype: str, quantization: str, targets: list[str], rank: int, seq_len: int,
-             micro_batch: int, checkpointing: bool, accelerator: str) -> Breakdown:
+             micro_batch: int, checkpointing: bool, accelerator: str, backend: str = "transformers") -> Breakdown:
+    """The peak for one setting. `backend` is what trains: "transformers" (+ PEFT, the model's own loss) or
+    "unsloth" (its offloaded checkpointing and chunked cross-entropy; CUDA only)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    unsloth = backend == "unsloth"
+    if unsloth and accelerator != "cuda":
+        raise ValueError("the unsloth backend runs on CUDA only")
     dtype_bytes = DTYPE_BYTES[dtype]
     if quantization == "none":
         weights = shape.params * dtype_bytes
@@ -116,11 +139,21 @@ def estimate(shape: Shape, *, dtype: str, quantization: str, targets: list[str],
     lora = lora_params(shape, targets, rank) * LORA_BYTES_PER_PARAM
     tokens = micro_batch * seq_len
     per_layer = activation_bytes_per_token_layer(shape, dtype_bytes) * tokens
-    if checkpointing:  # each layer's input kept; the layer being recomputed and its gradients alive
-        activations = shape.layers * tokens * shape.hidden * dtype_bytes + 2 * per_layer
+    layer_input = tokens * shape.hidden * dtype_bytes
+    if checkpointing:  # each layer's input kept (on the host with Unsloth); the layer being recomputed and its grads
+        kept = UNSLOTH_OFFLOAD_BUFFERS * layer_input if unsloth else shape.layers * layer_input
+        activations = kept + 2 * per_layer
     else:
         activations = shape.layers * per_layer
     activations *= ALLOCATOR_SLACK
-    logits = tokens * shape.vocab * (dtype_bytes + 4 * 4)  # logits; fp32 copy, log-softmax and two gradients
+    if unsloth:  # chunked lm_head + loss, and the gradient of the hidden states it reads
+        logits = min(tokens * shape.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, UNSLOTH_CE_CHUNK) + layer_input
+    else:
+        logits = tokens * shape.vocab * (dtype_bytes + 4 * 4)  # logits; fp32 copy, log-softmax and two gradients
     overhead = GPU_OVERHEAD if accelerator == "cuda" else CPU_OVERHEAD
     return Breakdown(weights, lora, activations, logits, overhead)
+
+
+def offloaded_bytes(shape: Shape, *, dtype: str, seq_len: int, micro_batch: int) -> float:
+    """Pinned host RAM that Unsloth's offloaded checkpointing fills: every layer's input, once."""
+    return shape.layers * micro_batch * seq_len * shape.hidden * DTYPE_BYTES[dtype]

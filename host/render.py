@@ -121,7 +121,8 @@ def plan_summary(plan: Plan, path: str) -> None:
     t = plan.train
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
     table.add_row("train", f"LoRA r={t.lora.r} on {','.join(t.lora.target_modules)}; {steps}; "
-                           f"micro-batch {t.micro_batch_size} × {t.gradient_accumulation}; {t.dtype}")
+                           f"micro-batch {t.micro_batch_size} × {t.gradient_accumulation}; {t.dtype}; "
+                           f"backend {t.backend}")
     table.add_row("output", plan.output.dir)
     out_console.print(f"[bold green]Wrote {path}[/bold green]")
     out_console.print(table)
@@ -216,9 +217,15 @@ def comparison(a, b, rows: list[dict], gold: list[dict], differences: list[tuple
     out_console.print(note, style="italic")
 
 
+CALIBRATED, ESTIMATED, OFF = "✓", "~", "!"
+
+
 def memory_breakdown(columns: list, budget: float, where: str) -> None:
-    """The planner's estimate per component (GiB), the planned settings first, against the budget."""
-    from forge.host.memory import CALIBRATION_NOTE, GIB
+    """The planner's estimate per component (GiB), the planned settings first, against the budget; each figure
+    marked calibrated (✓: within tolerance of measured peaks), off (!: measured, and the estimate misses) or
+    estimated (~: first principles), and for the planned column on which device and from which file."""
+    from forge.host.calibration import TOLERANCE
+    from forge.host.memory import GIB
 
     if not columns:
         out_console.print("No memory breakdown: the model's architecture is unknown (not in plans/models.yaml, "
@@ -226,14 +233,36 @@ def memory_breakdown(columns: list, budget: float, where: str) -> None:
         return
     table = Table(title=f"estimated peak memory (GiB) against {where}", title_justify="left")
     table.add_column("component")
-    for label, _ in columns:
-        table.add_column(label, justify="right")
-    for index, (component, _) in enumerate(columns[0][1].rows()):
-        cells = [f"{breakdown.rows()[index][1] / GIB:.2f}" for _, breakdown in columns]
-        table.add_row(component, *cells, style="bold" if component == "total" else "")
-    table.add_row("fits?", *("yes" if b.total <= budget else "no" for _, b in columns))
+    for column in columns:
+        table.add_column(column.label, justify="right")
+    table.add_column("basis of the planned figure")
+    planned, sources = columns[0], []
+
+    def mark(basis) -> str:
+        return CALIBRATED if basis.calibrated else OFF if basis.off else ESTIMATED
+
+    def basis_cell(basis) -> str:
+        if not basis.measured:
+            return "estimated (first principles)"
+        for record in basis.records:
+            if record not in sources:
+                sources.append(record)
+        on = ", ".join(f"{r.device} [{sources.index(r) + 1}]" for r in basis.records)
+        return f"off on {on}: estimate {basis.spread()} measured" if basis.off else f"calibrated on {on}"
+
+    for index, (term, _) in enumerate(planned.breakdown.terms()):
+        cells = [f"{column.breakdown.terms()[index][1] / GIB:.2f} {mark(column.bases[term])}" for column in columns]
+        table.add_row(planned.breakdown.rows()[index][0], *cells, basis_cell(planned.bases[term]),
+                      style="bold" if term == "total" else "")
+    table.add_row("fits?", *("yes" if column.breakdown.total <= budget else "no" for column in columns), "")
     out_console.print(table)
-    out_console.print(CALIBRATION_NOTE, style="dim")
+    for number, record in enumerate(sources, 1):
+        out_console.print(f"[{number}] {record.describe()}", markup=False, highlight=False)
+    out_console.print(f"{CALIBRATED} calibrated: measured peaks at settings that exercise the term are within "
+                      f"±{TOLERANCE:.0%} of the estimate; {OFF} off: measured there, and the estimate misses "
+                      f"(ratio shown); {ESTIMATED} estimated from first principles, not yet measured for these "
+                      "settings. A measurement is of the total, so an off total marks each term it exercises.",
+                      style="dim")
 
 
 def _ago(now: float, then: float | None) -> str:

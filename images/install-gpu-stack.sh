@@ -1,9 +1,10 @@
 #!/bin/sh
-# The steps the CUDA images share (Dockerfile.{ampere,ada,hopper,blackwell}), so those files differ only in
-# their arch values.   Usage: install-gpu-stack.sh build|check|runtime
+# The steps the CUDA images share (Dockerfile.{turing,ampere,ada,hopper,blackwell}), so those files differ only
+# in their arch values.   Usage: install-gpu-stack.sh build|check|runtime
 #
 #   build    (build stage) python3.11 + venv at /opt/forge with images/requirements-$FORGE_ARCH.txt,
-#            images/no-deps-requirements.txt (--no-deps) and, with FLASH_ATTN=1, flash-attn.
+#            images/no-deps-requirements.txt (--no-deps) and, with FLASH_ATTN=1, flash-attn (compute
+#            capability 8.0 and newer only: refused for the turing family).
 #   check    (build stage, its own layer so a failure keeps the downloads) fails unless torch is
 #            $FORGE_TORCH built with CUDA $FORGE_CUDA and has code for every compute capability in
 #            TORCH_CUDA_ARCH_LIST, and the installed packages are consistent (pip check).
@@ -11,7 +12,7 @@
 #            torch.compile, compiles a small launcher module with them when it first runs a kernel), and
 #            the non-root user uid 1000.
 #
-# Env (set by the Dockerfiles): FORGE_ARCH, TORCH_CUDA_ARCH_LIST ("9.0", "10.0;12.0"), FORGE_TORCH,
+# Env (set by the Dockerfiles): FORGE_ARCH, TORCH_CUDA_ARCH_LIST ("7.0;7.5", "9.0", "10.0;12.0"), FORGE_TORCH,
 # FORGE_CUDA, FLASH_ATTN (0|1), MAX_JOBS (flash-attn's parallel nvcc jobs; each can take several GB).
 # Bases: Debian/Ubuntu-like (apt-get) images; python3.11 is installed with apt-get where missing (Ubuntu
 # 22.04 and Debian 12 have it, Ubuntu 24.04 does not).
@@ -62,7 +63,19 @@ flash_attn_archs() {
   echo "$archs"
 }
 
+# flash-attn 2 has kernels for compute capability 8.0 and newer only.
+refuse_flash_attn_before_ampere() {
+  saved_ifs=$IFS
+  IFS=';, '
+  for cap in $TORCH_CUDA_ARCH_LIST; do
+    [ "${cap%%.*}" -ge 8 ] || die "FLASH_ATTN=1: flash-attn 2 has no kernels for compute capability $cap \
+($FORGE_ARCH); build with FLASH_ATTN=0 (train.attention sdpa)"
+  done
+  IFS=$saved_ifs
+}
+
 install_flash_attn() {
+  refuse_flash_attn_before_ampere
   PATH=$PATH:/usr/local/cuda/bin
   command -v nvcc >/dev/null || die "FLASH_ATTN=1 needs nvcc, which this build stage lacks: build with \
 --build-arg BUILD_IMAGE=nvidia/cuda:${FORGE_CUDA}.1-devel-ubuntu22.04 (or leave FLASH_ATTN=0: sdpa attention)"

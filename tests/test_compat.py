@@ -68,3 +68,29 @@ def test_the_host_refuses_an_image_whose_labels_do_not_cover_the_planned_gpu(eng
         assert "CUDA 12.8" in error.value.message and "Update the NVIDIA driver" in error.value.hint
     finally:
         engine.images.remove(tag, force=True)
+
+
+def test_volta_and_turing_run_on_the_turing_image_only():
+    for name, cc in (("Tesla V100-SXM2-16GB", "7.0"), ("Tesla T4", "7.5"), ("Quadro RTX 8000", "7.5")):
+        assert arch_for(cc) == "turing"
+        assert image_problem("turing", ARCH_CAPABILITIES["turing"], "12.8", [(name, cc)], "12.9", "0.1.0") is None
+        problem = image_problem("ampere", ARCH_CAPABILITIES["ampere"], "12.8", [(name, cc)], "12.9", "0.1.0")
+        assert problem and "forge-runner:turing-0.1.0" in problem[1]
+    assert arch_for("7.2") is None  # Jetson Xavier: arm64 only
+
+
+def test_bf16_starts_at_compute_capability_8():
+    from forge.contract.compat import supports_bf16
+
+    assert [cc for cc in ("6.1", "7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0") if supports_bf16(cc)] == [
+        "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
+
+
+def test_the_family_names_are_defined_once():
+    from typing import get_args
+
+    from forge.contract.compat import ARCHES
+    from forge.contract.plan import Arch
+    from forge.host import images
+
+    assert get_args(Arch) == ARCHES == ("cpu", *ARCH_CAPABILITIES) and images.ARCHES is ARCHES

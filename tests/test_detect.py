@@ -8,6 +8,10 @@ from forge.host.detect import GpuReport, NvmlProvider, arch_for, detect
 
 # name, compute capability, memory (MiB): as NVML reports them for these parts.
 DEVICES = [
+    ("Tesla V100-SXM2-16GB", "7.0", 16160, "turing"),
+    ("Tesla V100-SXM2-32GB", "7.0", 32510, "turing"),
+    ("Tesla T4", "7.5", 15360, "turing"),
+    ("NVIDIA A100-SXM4-40GB", "8.0", 40960, "ampere"),
     ("NVIDIA A100-SXM4-80GB", "8.0", 81920, "ampere"),
     ("NVIDIA GeForce RTX 3090", "8.6", 24576, "ampere"),
     ("NVIDIA GeForce RTX 4090", "8.9", 24564, "ada"),
@@ -18,6 +22,9 @@ DEVICES = [
     ("NVIDIA B200", "10.0", 183359, "blackwell"),
     ("NVIDIA GeForce RTX 5090", "12.0", 32607, "blackwell"),
 ]
+
+
+GPUS = {name: (name, cc, memory) for name, cc, memory, _ in DEVICES}
 
 
 class Table:
@@ -40,7 +47,7 @@ def test_each_real_device_maps_to_its_image_family(name, cc, memory, arch):
     assert name in hardware.note
 
 
-@pytest.mark.parametrize("cc", ["7.5", "7.0", "6.1"])
+@pytest.mark.parametrize("cc", ["6.1", "6.0", "5.2"])
 def test_parts_without_an_image_fall_back_to_cpu_and_say_why(cc):
     assert arch_for(cc) is None
     hardware = detect(Table(("Some GPU", cc, 16000)))
@@ -56,9 +63,16 @@ def test_no_driver_gives_a_cpu_plan_with_the_reason():
 
 
 def test_mixed_box_plans_for_the_first_usable_family_only():
-    hardware = detect(Table(("Tesla T4", "7.5", 15360), DEVICES[2][:3], DEVICES[3][:3], DEVICES[5][:3]))
+    rtx4090, l4, h100 = (GPUS[name] for name in ("NVIDIA GeForce RTX 4090", "NVIDIA L4", "NVIDIA H100 80GB HBM3"))
+    hardware = detect(Table(("Tesla P100-PCIE-16GB", "6.0", 16384), rtx4090, l4, h100))
     assert hardware.arch == "ada"
     assert [gpu.name for gpu in hardware.gpus] == ["NVIDIA GeForce RTX 4090", "NVIDIA L4"]
+
+
+def test_volta_and_turing_share_the_turing_family():
+    hardware = detect(Table(GPUS["Tesla T4"], GPUS["Tesla V100-SXM2-32GB"], GPUS["NVIDIA L4"]))
+    assert (hardware.accelerator, hardware.arch) == ("cuda", "turing")
+    assert [gpu.name for gpu in hardware.gpus] == ["Tesla T4", "Tesla V100-SXM2-32GB"]
 
 
 def test_real_nvml_provider_on_this_machine():
@@ -77,7 +91,7 @@ def test_arm64_only_parts_are_a_clear_error(name, cc):
 
 
 def test_several_gpus_are_picked_by_index_or_uuid():
-    table = Table(*(device[:3] for device in DEVICES[5:7]), DEVICES[0][:3])  # H100, H200, A100
+    table = Table(GPUS["NVIDIA H100 80GB HBM3"], GPUS["NVIDIA H200"], GPUS["NVIDIA A100-SXM4-80GB"])
     assert [g.name for g in detect(table).gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
     assert [g.index for g in detect(table, select=["1"]).gpus] == [1]
     chosen = detect(table, select=["GPU-00000002"])

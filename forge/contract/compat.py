@@ -4,11 +4,19 @@ launches) and the runner (from torch, when the container starts).
 - A GPU of compute capability X.z runs code compiled for X.y when y <= z (CUDA's binary compatibility
   within a major version); 10.x and 12.x are different majors, so Blackwell images carry both.
 - The driver must support the image's CUDA version: at least the same major.minor.
+- bf16 needs compute capability 8.0 or newer; Volta (7.0) and Turing (7.5) compute in fp16.
+
+The image family names live here once (`ARCHES`); forge.yaml's `image.arch` and the host's image list use them.
 """
 
 from __future__ import annotations
 
-ARCH_CAPABILITIES = {"ampere": ("8.0", "8.6"), "ada": ("8.9",), "hopper": ("9.0",), "blackwell": ("10.0", "12.0")}
+# The compute capabilities each GPU image is built for. `turing` covers Volta (V100, 7.0) and Turing (T4,
+# RTX 20xx, 7.5): one torch build has code for both, and neither has bf16.
+ARCH_CAPABILITIES = {"turing": ("7.0", "7.5"), "ampere": ("8.0", "8.6"), "ada": ("8.9",), "hopper": ("9.0",),
+                     "blackwell": ("10.0", "12.0")}
+ARCHES = ("cpu", *ARCH_CAPABILITIES)
+BF16_MIN_CAPABILITY = (8, 0)
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -21,9 +29,16 @@ def arch_for(compute_capability: str) -> str | None:
     """The Forge image family built for a compute capability (its class, not mere binary compatibility:
     an 8.9 card gets the Ada image, though Ampere's 8.6 code would run on it), or None."""
     major, minor = parse_version(compute_capability)
+    if major == 7:
+        return {0: "turing", 5: "turing"}.get(minor)  # 7.2 is Jetson Xavier: arm64 only
     if major == 8:
         return {0: "ampere", 6: "ampere", 9: "ada"}.get(minor)  # 8.7 is Jetson Orin: arm64 only
     return {9: "hopper", 10: "blackwell", 12: "blackwell"}.get(major)
+
+
+def supports_bf16(compute_capability: str) -> bool:
+    """bf16 tensor cores (and bf16 autocast) start with Ampere; older parts train in fp16 with loss scaling."""
+    return parse_version(compute_capability) >= BF16_MIN_CAPABILITY
 
 
 def covers(capabilities, compute_capability: str) -> bool:

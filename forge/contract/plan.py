@@ -11,9 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from forge.contract.compat import ARCHES
+
 PLAN_SCHEMA_VERSION = 1
 
-Arch = Literal["cpu", "ampere", "ada", "hopper", "blackwell"]
+Arch = Literal[ARCHES]  # cpu and the GPU image families (forge.contract.compat)
 
 
 class Strict(BaseModel):
