@@ -6,6 +6,8 @@ The host CLI turns these into a message, a hint and an exit code; the runner tur
 
 from __future__ import annotations
 
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on request with its state saved; a rerun resumes
+
 
 class ForgeError(Exception):
     """A failure the user can act on."""

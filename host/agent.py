@@ -21,7 +21,7 @@ from typing import Callable
 
 from forge.contract.events import Event, Failure, Result, StageFinished, encode_event
 from forge.contract.plan_io import parse_plan
-from forge.errors import DataError, ForgeError, QueueError
+from forge.errors import EXIT_RESUMABLE, DataError, ForgeError, QueueError
 from forge.host.detect import GpuProvider, detect
 from forge.host.launcher import Control, Lifeline, quietly, run_step
 from forge.host.queue.capacity import Capacity
@@ -109,7 +109,7 @@ class Agent:
             _clear_leftovers(job.id, lifeline.grace_seconds)
             for step in job.steps:
                 if control.wanted:
-                    code = 75
+                    code = EXIT_RESUMABLE
                     break
                 outcome = run_step(step, plan, Path(job.plan_path), on_event, sink.log, memory=self.settings.memory,
                                    control=control, lifeline=lifeline)

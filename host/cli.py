@@ -45,17 +45,21 @@ def plan(
     cpu: Annotated[bool, typer.Option("--cpu", help="Plan for the CPU image even when a GPU is present.")] = False,
     gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="GPU to use, by index or UUID (a MIG slice by its UUID). Repeat for several; default: every GPU of the first usable family.")] = None,
     quantization: Annotated[str, typer.Option("--quantization", "-q", help="auto (4-bit only when 16-bit weights do not fit), none, 8bit or 4bit (QLoRA).")] = "auto",
-    explain_: Annotated[bool, typer.Option("--explain", help="Also print the memory breakdown behind the batch sizes.")] = False,
+    explain_: Annotated[bool, typer.Option("--explain", help="Also print the memory breakdown behind the batch sizes, each term marked calibrated, off or estimated.")] = False,
+    target: Annotated[Optional[str], typer.Option("--target", help="Plan for a GPU this machine does not have, from plans/gpus.yaml: NAME or NAME:COUNT (e.g. t4, h100:8).")] = None,
 ) -> None:
-    """Detect this machine, resolve the model, size batches to the memory found, and write forge.yaml."""
+    """Detect this machine (or take --target's GPU), resolve the model, size batches to the memory found, and
+    write forge.yaml."""
     from forge.contract.plan_io import write_plan
-    from forge.host.detect import NvmlProvider, detect
+    from forge.host.detect import detect
     from forge.host.planner import build_plan, explain
     from forge.host.render import memory_breakdown, plan_summary
 
     if quantization not in ("auto", "none", "8bit", "4bit"):
         raise typer.BadParameter("use auto, none, 8bit or 4bit", param_hint="--quantization")
-    hardware = detect(_NoGpu() if cpu else NvmlProvider(), select=gpu)
+    if target and (cpu or gpu):
+        raise typer.BadParameter("plans for a GPU that is not here: leave out --cpu and --gpu", param_hint="--target")
+    hardware = detect(_gpu_provider(cpu, target), select=gpu)
     built = build_plan(goal, model, data, hardware, out.resolve().parent, fmt, quantization)
     write_plan(built, out)
     plan_summary(built, str(out))
@@ -170,7 +174,7 @@ def doctor(workdir: Annotated[Path, typer.Option(help="Where outputs will be wri
 
 @images_app.command("build")
 def images_build(
-    arch: Annotated[str, typer.Argument(help="cpu, ampere, ada, hopper or blackwell.")] = "cpu",
+    arch: Annotated[str, typer.Argument(help="cpu, turing, ampere, ada, hopper or blackwell.")] = "cpu",
     base: Annotated[Optional[str], typer.Option("--base", help="Override the Dockerfile's BASE_IMAGE (e.g. forge-base:bookworm from `forge images bootstrap`).")] = None,
     context: ContextOption = None,
 ) -> None:
@@ -440,6 +444,17 @@ class _NoGpu:
         from forge.host.detect import GpuReport
 
         return GpuReport(problem="--cpu was given")
+
+
+def _gpu_provider(cpu: bool, target: str | None):
+    """Where `forge plan` finds its GPUs: none (--cpu), a known part (--target), or NVML."""
+    if target:
+        from forge.host.gpus import TargetProvider
+
+        return TargetProvider(target)
+    from forge.host.detect import NvmlProvider
+
+    return _NoGpu() if cpu else NvmlProvider()
 
 
 def version_callback(value: bool) -> None:

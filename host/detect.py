@@ -1,4 +1,5 @@
-"""Hardware detection behind a small provider interface: NVML in production, a table in tests.
+"""Hardware detection behind a small provider interface: NVML in production, a known part for
+`forge plan --target` (host/gpus.py), a table in tests.
 
 Everything above `GpuProvider` is pure, so the planner is tested without a GPU.
 """
@@ -26,6 +27,7 @@ class GpuReport:
     driver_version: str | None = None
     cuda_driver_version: str | None = None
     problem: str = ""
+    target: str | None = None  # the known part (plans/gpus.yaml) these GPUs stand for, when not detected
 
 
 class GpuProvider(Protocol):
@@ -108,7 +110,8 @@ def _capabilities() -> str:
 
 def detect(provider: GpuProvider | None = None, select: list[str] | None = None) -> Hardware:
     """The machine as the planner sees it. `select` picks GPUs by index or UUID (MIG slices by their UUID).
-    GPUs no image covers lead to a CPU plan, with the reason; arm64-only parts are an error."""
+    GPUs no image covers lead to a CPU plan, with the reason; arm64-only parts are an error. A provider's
+    `target` (forge plan --target) stands in for the GPUs; CPUs and RAM are still this machine's."""
     report = (provider or NvmlProvider()).report()
     memory = psutil.virtual_memory()
     common = dict(
@@ -136,9 +139,14 @@ def detect(provider: GpuProvider | None = None, select: list[str] | None = None)
     arch = arch_for(usable[0].compute_capability)
     same_arch = [gpu for gpu in usable if arch_for(gpu.compute_capability) == arch]
     first = same_arch[0]
-    note = (f"{len(same_arch)}× {first.name} (compute capability {first.compute_capability}"
-            + (", MIG slice" if first.mig else "") + ").")
-    return Hardware(accelerator="cuda", arch=arch, gpus=same_arch, note=note, **common)
+    found = (f"{len(same_arch)}× {first.name} (compute capability {first.compute_capability}"
+             + (", MIG slice" if first.mig else ""))
+    if report.target:
+        note = (f"Planned for --target {report.target}: {found}, {first.memory_total_mib} MiB each, taken as idle) "
+                "from plans/gpus.yaml, not detected on this machine; CPUs and RAM are this machine's.")
+    else:
+        note = found + ")."
+    return Hardware(accelerator="cuda", arch=arch, gpus=same_arch, note=note, target=report.target, **common)
 
 
 def _selected(report: GpuReport, select: list[str]) -> list[Gpu]:

@@ -1,4 +1,4 @@
-"""Turn a goal, a model, data and the detected hardware into a Plan, recording why at each choice.
+"""Turn a goal, a model, data and the detected (or targeted) hardware into a Plan, recording why at each choice.
 
 The GPU decides precision (bf16 from compute capability 8.0, fp16 before) and the backend (Unsloth in the
 GPU images, transformers + PEFT where Unsloth cannot run and on CPU). Memory decides the rest:

@@ -113,6 +113,8 @@ def plan_summary(plan: Plan, path: str) -> None:
         if hw.gpus
         else f"CPU × {hw.cpu_count}, {hw.ram_available_mib / 1024:.1f} GiB RAM free"
     )
+    if hw.target:
+        device += f" (planned for --target {hw.target}, not detected)"
     table.add_row("goal", plan.goal)
     table.add_row("hardware", device)
     table.add_row("image", f"{plan.image.name}")

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on request, state saved, rerun to resume
+from forge.errors import EXIT_RESUMABLE
 
 requested = threading.Event()
 

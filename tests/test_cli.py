@@ -39,6 +39,43 @@ def test_plan_without_gpu_writes_a_cpu_plan_and_says_why(tmp_path):
     assert (tmp_path / "forge.yaml").is_file()
 
 
+def test_plan_for_a_target_gpu_says_so_and_explains_each_term(tmp_path):
+    result = forge("plan", "sft", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--model", "llama-3.2-1b-instruct",
+                   "--target", "T4", "--explain", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "forge-runner:turing-" in out and "Tesla T4" in out and "planned for --target t4, not detected" in out
+    assert "Planned for --target t4:" in out and "float16" in out
+    assert "basis of the planned figure" in out and "estimated (first principles)" in out
+    from forge.contract.plan_io import load_plan
+
+    plan = load_plan(tmp_path / "forge.yaml")
+    assert (plan.hardware.target, plan.train.dtype, [g.uuid for g in plan.hardware.gpus]) == ("t4", "float16", ["0"])
+
+
+def test_plan_for_several_target_gpus(tmp_path):
+    from forge.contract.plan_io import load_plan
+
+    assert forge("plan", "smoke", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--target", "h100:4",
+                 cwd=tmp_path).returncode == 0
+    plan = load_plan(tmp_path / "forge.yaml")
+    assert [g.index for g in plan.hardware.gpus] == [0, 1, 2, 3] and plan.hardware.target == "h100:4"
+
+
+def test_an_unknown_target_suggests_the_known_names(tmp_path):
+    result = forge("plan", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--target", "a100", cwd=tmp_path)
+    assert_clean_error(result, 2, "Unknown GPU 'a100' for --target", "Did you mean a100-40gb or a100-80gb",
+                       "v100-32gb", "plans/gpus.yaml")
+    assert not (tmp_path / "forge.yaml").exists()
+
+
+def test_a_target_with_cpu_or_gpu_is_a_usage_error(tmp_path):
+    for extra in (["--cpu"], ["--gpu", "0"]):
+        result = forge("plan", "--data", str(EXAMPLES / "alpaca-sample.jsonl"), "--target", "t4", *extra, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "--target" in result.stderr and "leave out --cpu and --gpu" in result.stderr
+
+
 def test_schema_is_json(tmp_path):
     result = forge("schema", cwd=tmp_path)
     assert json.loads(result.stdout)["title"] == "Plan"

@@ -316,6 +316,39 @@ def test_a_local_model_is_planned_from_its_config_json(tmp_path):
     assert any("estimated" in reason and "GiB peak" in reason for reason in plan.reasons)
 
 
+def _known_parts():
+    from forge.host.gpus import parts
+
+    return sorted(parts())
+
+
+@pytest.mark.parametrize("name", _known_parts())
+def test_target_plans_for_each_known_part_as_the_card_itself(name, tmp_path):
+    """`--target NAME`: the plan a box with that card (idle) would get, said to be planned for a target."""
+    from forge.contract.compat import arch_for
+    from forge.contract.plan import Gpu
+    from forge.contract.plan_io import dump_plan, parse_plan
+    from forge.host.detect import GpuReport
+    from forge.host.gpus import IDLE_RESERVED_MIB, TargetProvider, parts
+
+    part = parts()[name]
+    plan = build_plan("sft", "llama-3.2-1b-instruct", DATA, detect(TargetProvider(name)), tmp_path)
+    hardware = plan.hardware
+    assert hardware.target == name and plan.reasons[0] == hardware.note
+    assert hardware.note.startswith(f"Planned for --target {name}:") and "not detected on this machine" in hardware.note
+    assert (hardware.accelerator, plan.image.arch) == ("cuda", arch_for(part.compute_capability))
+    assert [(g.name, g.compute_capability, g.memory_total_mib) for g in hardware.gpus] == [
+        (part.product, part.compute_capability, part.memory_mib)]
+    assert plan.train.dtype == ("bfloat16" if part.bf16 else "float16")
+
+    idle = Gpu(index=0, uuid="GPU-real", name=part.product, compute_capability=part.compute_capability,
+               memory_total_mib=part.memory_mib, memory_free_mib=part.memory_mib - IDLE_RESERVED_MIB)
+    on_the_box = build_plan("sft", "llama-3.2-1b-instruct", DATA,
+                            detect(type("Box", (), {"report": lambda self: GpuReport(gpus=[idle])})()), tmp_path)
+    assert on_the_box.train == plan.train and on_the_box.hardware.target is None
+    assert parse_plan(dump_plan(plan), tmp_path / "forge.yaml") == plan
+
+
 @settings(max_examples=200, deadline=None)
 @given(model=st.sampled_from(CATALOG_MODELS), seq_len=st.sampled_from([128, 512, 2048, 8192]),
        micro=st.integers(1, 64), quantization=st.sampled_from(["none", "4bit"]), dtype=st.sampled_from(["bfloat16", "float16"]))

@@ -42,6 +42,8 @@ class Hardware(Strict):
     ram_total_mib: int = Field(ge=0)
     ram_available_mib: int = Field(ge=0)
     note: str = Field("", description="Why this accelerator was chosen (e.g. why there is no GPU)")
+    target: str | None = Field(None, description="The known GPU (plans/gpus.yaml) this plan was made for with "
+                               "`forge plan --target`, instead of detected; GPUs are then named by index")
 
 
 class ModelSource(Strict):

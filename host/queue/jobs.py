@@ -9,12 +9,11 @@ from pydantic import Field
 
 from forge.contract import compat
 from forge.contract.plan import Arch, Plan, Strict
-from forge.errors import ForgeError
+from forge.errors import EXIT_RESUMABLE, ForgeError
 
 Step = Literal["prepare", "train"]
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES = ("succeeded", "failed", "cancelled")
-RESUMABLE = 75  # the runner stopped on request and saved its state (preempted, SIGTERM)
 
 
 class Requirements(Strict):
@@ -35,7 +34,7 @@ class Requirements(Strict):
 
 class RetryPolicy(Strict):
     max_restarts: int = Field(3, ge=0, description="Attempts after the first one, a lost agent's included")
-    retry_on: list[int] = Field([RESUMABLE], description="Exit codes that put the job back on the queue")
+    retry_on: list[int] = Field([EXIT_RESUMABLE], description="Exit codes that put the job back on the queue")
 
 
 @dataclass(frozen=True)
