@@ -2,6 +2,11 @@
 
 stdout of the runner carries events (one JSON line each); stderr is shown as log lines. The container
 always goes away afterwards; the runner's exit code becomes the CLI's.
+
+The container is locked down: no Linux capabilities, no privilege gain, a read-only root filesystem with a
+tmpfs for what must be written, a pids limit, a non-root user and no network. The one exception is a hub
+model not yet in the model cache: a separate `fetch` container downloads it first, with network and the
+hub token (a read-only secret file), and nothing else mounted; the step itself then runs offline.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -20,15 +25,24 @@ from forge.contract import paths
 from forge.contract.events import Event, Failure, Result, parse_line
 from forge.contract.plan import Plan
 from forge.contract.plan_io import atomic_write_text, dump_plan
-from forge.errors import EngineError
+from forge.errors import EXIT_RESUMABLE, EngineError
+from forge.host import pii_key
 from forge.host.engine import client
 from forge.host.images import check_image
-from forge.host.mounts import Mounts, build_mounts, container_user, output_dir
+from forge.host.mounts import Mounts, build_mounts, container_user, model_cache_dir, output_dir
+from forge.host.secrets import Secrets
 
 STOP_GRACE_SECONDS = 60
 OUTPUT_LABEL = "dev.forge.output"
-PASSTHROUGH_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-Step = Literal["prepare", "train", "export"]
+HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # read on the host; reach only a fetch, as a secret file
+HUB_SETTINGS = ("HF_ENDPOINT",)  # not secrets: a fetch from a mirror
+Step = Literal["fetch", "prepare", "train", "export"]
+# Least privilege for every runner container (checked on the live container in tests/test_container_security.py).
+PIDS_LIMIT = 4096  # processes and threads: room for a prepare worker per core and torch's pools on big boxes
+# HOME and every cache (Hugging Face, Triton, torch) live here; no noexec, as Triton loads the kernels it builds.
+TMPFS = {"/tmp": "rw,nosuid,nodev,size=1g,mode=1777"}
+HARDENING = {"cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"], "read_only": True,
+             "tmpfs": TMPFS, "pids_limit": PIDS_LIMIT}
 
 
 @dataclass
@@ -37,6 +51,7 @@ class Outcome:
     result: Result | None
     failure: Failure | None
     mounts: Mounts
+    requested: str | None = None  # "stop" or "kill" when the user (or an agent) asked for it: never retried
 
 
 class Control:
@@ -45,10 +60,12 @@ class Control:
 
     def __init__(self) -> None:
         self.container = None
+        self.graceful = True
         self.wanted: str | None = None
 
-    def bind(self, container) -> None:
-        self.container = container
+    def bind(self, container, graceful: bool = True) -> None:
+        """`graceful`: whether the runner has state to save on a stop (a fetch has none: it is killed)."""
+        self.container, self.graceful = container, graceful
         if self.wanted:
             self._act(self.wanted)
 
@@ -64,7 +81,8 @@ class Control:
     def _act(self, what: str) -> None:
         container = self.container
         if container is not None:
-            action = (lambda: container.stop(timeout=STOP_GRACE_SECONDS)) if what == "stop" else container.kill
+            graceful = what == "stop" and self.graceful
+            action = (lambda: container.stop(timeout=STOP_GRACE_SECONDS)) if graceful else container.kill
             threading.Thread(target=quietly, args=(action,), daemon=True).start()
 
 
@@ -88,31 +106,56 @@ def run_step(
     control: Control | None = None,
     lifeline: Lifeline | None = None,
 ) -> Outcome:
-    """Run one step. With a `control`, its owner handles stopping; without one, Ctrl-C/SIGTERM do."""
+    """Run one step (after a `fetch` when its hub model is not in the model cache yet). With a `control`, its
+    owner handles stopping; without one, Ctrl-C/SIGTERM do."""
     plan_dir = plan_path.resolve().parent
     mounts = build_mounts(plan, plan_dir)
     image = check_image(plan.image.name, plan.image.arch, plan.hardware)
-    job_file = output_dir(plan, plan_dir) / ".jobs" / f"{step}-forge.yaml"
+    out = output_dir(plan, plan_dir)
+    _refuse_concurrent_runner(str(out))
+    owned = control is None
+    control = control or Control()
+    with (_graceful_stop(control, on_log) if owned else contextlib.nullcontext()):
+        if step != "fetch" and needs_download(plan, plan_dir):
+            fetched = _run_container("fetch", [], plan, mounts, image, out, on_event, on_log, memory, control,
+                                     lifeline)
+            if fetched.exit_code or control.wanted:  # a stop during the download: nothing else was started
+                return replace(fetched, exit_code=fetched.exit_code or EXIT_RESUMABLE)
+        return _run_container(step, args or [], plan, mounts, image, out, on_event, on_log, memory, control,
+                              lifeline)
+
+
+def needs_download(plan: Plan, plan_dir: Path) -> bool:
+    """A hub model that is not complete in the model cache yet (the runner writes the marker last)."""
+    if plan.model.source.kind != "hub":
+        return False
+    entry = model_cache_dir(plan, plan_dir) / paths.model_cache_entry(plan.model.name)
+    return not (entry / paths.MODEL_MARKER).is_file()
+
+
+def _run_container(step: Step, args: list[str], plan: Plan, mounts: Mounts, image, out: Path,
+                   on_event: Callable[[Event], None], on_log: Callable[[str], None], memory: str | None,
+                   control: Control, lifeline: Lifeline | None) -> Outcome:
+    job_file = out / ".jobs" / f"{step}-forge.yaml"
     atomic_write_text(job_file, dump_plan(mounts.plan))
     job_file.chmod(0o644)
-    volumes = {**mounts.volumes, str(job_file): {"bind": paths.JOB_CONFIG, "mode": "ro"}}
-
-    out = str(output_dir(plan, plan_dir))
-    _refuse_concurrent_runner(out)
-    container = _create([step, *(args or [])], plan, image, volumes, out, memory, lifeline)
+    volumes = {**_volumes(step, mounts), str(job_file): {"bind": paths.JOB_CONFIG, "mode": "ro"}}
     outcome = Outcome(exit_code=1, result=None, failure=None, mounts=mounts)
-    stdin = None
-    try:
-        lines: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_read, args=(container, lines), daemon=True)
-        if lifeline:
-            stdin = container.client.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
-        _start(container)
-        reader.start()
-        owned = control is None
-        control = control or Control()
-        control.bind(container)
-        with (_graceful_stop(control, on_log) if owned else contextlib.nullcontext()):
+    with Secrets() as secrets:
+        if step in pii_key.KEYED_STEPS:
+            secrets.add(paths.PII_KEY, pii_key.key_text(on_log))
+        environment = _secret_environment(step, secrets)
+        container = _create([step, *args], plan, image, {**volumes, **secrets.volumes}, environment, str(out),
+                            memory, lifeline)
+        stdin = None
+        try:
+            lines: queue.Queue = queue.Queue()
+            reader = threading.Thread(target=_read, args=(container, lines), daemon=True)
+            if lifeline:
+                stdin = container.client.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
+            _start(container)
+            reader.start()
+            control.bind(container, graceful=step != "fetch")
             while True:
                 item = lines.get()
                 if item is None:
@@ -127,18 +170,59 @@ def run_step(
                 elif isinstance(event, Failure):
                     outcome.failure = event
                 on_event(event)
-            outcome.exit_code = int(container.wait().get("StatusCode", 1))
-            container.reload()
-            if container.attrs["State"].get("OOMKilled"):
+            ended = _exit_status(container)
+            outcome.requested = control.wanted
+            if ended is None:
+                outcome.exit_code = EngineError.exit_code
+                outcome.failure = Failure(ts=time.time(), code="lost", message=(
+                    "The runner container went away before it finished (removed, or the engine restarted)."),
+                    hint="Rerun the same command to resume, or pass --retries N to relaunch it automatically.")
+                on_event(outcome.failure)
+            elif ended[1]:
+                outcome.exit_code = ended[0]
                 outcome.failure = Failure(ts=time.time(), code="oom", message=(
                     f"The runner ran out of memory{f' (capped at {memory})' if memory else ''} and was killed."),
                     hint="Raise --memory, or lower prepare.shard_rows / train.micro_batch_size in forge.yaml; rerun to resume.")
                 on_event(outcome.failure)
-    finally:
-        container.remove(force=True)
-        if stdin is not None:
-            stdin.close()
+            else:
+                outcome.exit_code = ended[0]
+        finally:
+            quietly(lambda: container.remove(force=True))  # already gone when it was lost
+            if stdin is not None:
+                stdin.close()
     return outcome
+
+
+def _volumes(step: Step, mounts: Mounts) -> dict[str, dict]:
+    """A fetch sees the model cache only: no data, no outputs, no local model."""
+    if step != "fetch":
+        return mounts.volumes
+    return {host: spec for host, spec in mounts.volumes.items() if spec["bind"] == paths.MODEL_CACHE}
+
+
+def _secret_environment(step: Step, secrets: Secrets) -> dict[str, str]:
+    """Add the secret files this step needs; returns the environment variables that point at them (paths, never
+    values). Only a fetch gets the hub token: huggingface_hub reads it from HF_TOKEN_PATH."""
+    environment: dict[str, str] = {}
+    if step == "fetch":
+        token = next((os.environ[name] for name in HUB_TOKENS if os.environ.get(name)), None)
+        if token:
+            environment["HF_TOKEN_PATH"] = secrets.add(paths.HF_TOKEN, token.strip())
+        environment.update({name: os.environ[name] for name in HUB_SETTINGS if os.environ.get(name)})
+    return environment
+
+
+def _exit_status(container) -> tuple[int, bool] | None:
+    """The container's exit code and whether the kernel killed it for memory; None when it is gone."""
+    from docker.errors import DockerException
+    from requests.exceptions import RequestException
+
+    try:
+        code = int(container.wait().get("StatusCode", 1))
+        container.reload()
+    except (DockerException, RequestException):
+        return None
+    return code, bool(container.attrs["State"].get("OOMKilled"))
 
 
 def _refuse_concurrent_runner(out: str) -> None:
@@ -152,11 +236,12 @@ def _refuse_concurrent_runner(out: str) -> None:
         )
 
 
-def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memory: str | None,
-            lifeline: Lifeline | None):
+def _create(command: list[str], plan: Plan, image, volumes: dict, secret_environment: dict[str, str], out: str,
+            memory: str | None, lifeline: Lifeline | None):
     import docker
     from docker.errors import APIError
 
+    fetch = command[0] == "fetch"
     environment = {
         "HOME": "/tmp",
         "PYTHONUNBUFFERED": "1",
@@ -165,8 +250,8 @@ def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memo
         "TOKENIZERS_PARALLELISM": "false",
         "FORGE_IMAGE": image.tag,  # recorded in a run's environment.json
         "FORGE_IMAGE_ID": image.id,
-        **({"HF_HUB_OFFLINE": "1"} if plan.model.source.kind != "hub" else {}),
-        **{name: os.environ[name] for name in PASSTHROUGH_SECRETS if os.environ.get(name)},
+        **({} if fetch else {"HF_HUB_OFFLINE": "1"}),  # no network: fail fast instead of trying the hub
+        **secret_environment,
         **({"FORGE_LIFELINE": "stdin", "FORGE_LIFELINE_GRACE_S": str(lifeline.grace_seconds)} if lifeline else {}),
     }
     devices = []
@@ -185,6 +270,8 @@ def _create(command: list[str], plan: Plan, image, volumes: dict, out: str, memo
             labels={"dev.forge.step": command[0], "dev.forge.model": plan.model.name, OUTPUT_LABEL: out,
                     **(lifeline.labels if lifeline else {})},
             shm_size="1g",
+            network_mode=None if fetch else "none",  # a fetch gets the engine's default network
+            **HARDENING,
             mem_limit=memory,
             memswap_limit=memory,  # no swap beyond the cap: an over-budget runner fails fast and visibly
             stop_signal="SIGTERM",

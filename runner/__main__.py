@@ -22,7 +22,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forge.runner")
-    parser.add_argument("step", choices=["prepare", "train", "export"])
+    parser.add_argument("step", choices=["fetch", "prepare", "train", "export"])
     parser.add_argument("--config", type=Path, default=Path(paths.JOB_CONFIG))
     parser.add_argument("--rebuild", action="store_true", help="prepare: ignore the cache and any partial run")
     parser.add_argument("--run", help="export: the run id (or a unique prefix); default the latest finished run")
@@ -36,11 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         from forge.contract.plan_io import load_plan
 
         plan = load_plan(args.config)
-        if args.step != "prepare":  # prepare runs on the CPU in every image
+        if args.step not in ("fetch", "prepare"):  # these run on the CPU in every image
             from forge.runner.selfcheck import check_gpu_image
 
             check_gpu_image()
-        if args.step == "prepare":
+        if args.step == "fetch":  # the one step with network: a hub model into the model cache, nothing else
+            from forge.runner.models import resolve
+
+            resolve(plan.model, Path(plan.output.model_cache))
+        elif args.step == "prepare":
             from forge.runner.prepare.pipeline import prepare
 
             prepare(plan, rebuild=args.rebuild)

@@ -13,12 +13,13 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from forge.contract import paths
 from forge.contract.plan import ModelSpec
 from forge.errors import ModelError
 from forge.runner.emit import log, stage
 from forge.runner.hashing import sha256_file
 
-MARKER = "forge-model.json"
+MARKER = paths.MODEL_MARKER
 
 
 def resolve(model: ModelSpec, cache: Path) -> Path:
@@ -28,7 +29,7 @@ def resolve(model: ModelSpec, cache: Path) -> Path:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json.", "Point model.source.path at a save_pretrained directory.")
         return path
-    target = cache / _slug(model.name)
+    target = cache / paths.model_cache_entry(model.name)
     if (target / MARKER).is_file():
         return target
     with stage("model", total=1, unit="model") as progress:
@@ -39,10 +40,6 @@ def resolve(model: ModelSpec, cache: Path) -> Path:
         progress.summary = {"path": str(target)}
         progress.advance(1)
     return target
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name)
 
 
 def _locate_packaged_file(package: str, filename: str) -> Path:
