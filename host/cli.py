@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from forge import __version__
-from forge.errors import ForgeError
+from forge.errors import EXIT_RESUMABLE, ForgeError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -32,6 +32,12 @@ MemoryOption = Annotated[Optional[str], typer.Option("--memory", help="Cap the r
 QueueOption = Annotated[Optional[str], typer.Option(
     "--queue", envvar="FORGE_QUEUE", help="postgresql://user@host/db (several machines) or sqlite:///path/queue.db "
     "(one machine); default ~/.local/share/forge/queue.db.")]
+RetriesOption = Annotated[int, typer.Option(
+    "--retries", min=0, help="Relaunch a runner that died (killed, out of memory, crashed, its container lost) up to "
+    "N times, resuming each time; never after a config, data or model error, or a stop you asked for.")]
+RetryDelayOption = Annotated[float, typer.Option(
+    "--retry-delay", min=0, envvar="FORGE_RETRY_DELAY", help="Seconds before the first retry; doubles for each "
+    "next one, at most 300.")]
 ContextOption = Annotated[Optional[Path], typer.Option("--context", help="Forge checkout holding the Dockerfiles (default: found from the current directory).")]
 
 
@@ -81,16 +87,19 @@ def prepare(
     as_json: JsonOption = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Ignore the cache and any partial run; redo everything.")] = False,
     memory: MemoryOption = None,
+    retries: RetriesOption = 0,
+    retry_delay: RetryDelayOption = 10.0,
 ) -> None:
     """Run the data pipeline in the runner image: ingest, clean, dedup, PII scrub, compliance checks, chat
     template, tokenize, split; Parquet shards, manifest, stats and audit log. Rerun to resume or reuse."""
-    _run_step("prepare", config, as_json, ["--rebuild"] if rebuild else [], memory)
+    _run_step("prepare", config, as_json, ["--rebuild"] if rebuild else [], memory, retries, retry_delay)
 
 
 @app.command()
-def train(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False, memory: MemoryOption = None) -> None:
+def train(config: ConfigOption = Path("forge.yaml"), as_json: JsonOption = False, memory: MemoryOption = None,
+          retries: RetriesOption = 0, retry_delay: RetryDelayOption = 10.0) -> None:
     """Train LoRA in the runner image; rerun to resume from the newest checkpoint."""
-    _run_step("train", config, as_json, [], memory)
+    _run_step("train", config, as_json, [], memory, retries, retry_delay)
 
 
 @app.command()
@@ -401,19 +410,20 @@ def _job_json(job) -> dict:
     return {**data, "requirements": job.requirements.model_dump(), "retry": job.retry.model_dump()}
 
 
-def _run_step(step: str, config: Path, as_json: bool, args: list[str], memory: str | None) -> None:
+def _run_step(step: str, config: Path, as_json: bool, args: list[str], memory: str | None, retries: int = 0,
+              retry_delay: float = 0.0) -> None:
     try:
-        outcome = _launch(step, config, args, memory)
+        outcome, attempts = _launch(step, config, args, memory, retries, retry_delay)
     except ForgeError as exc:
         if as_json:
             _print_json(step, "failed", exc.exit_code, error={"code": exc.code, "message": exc.message, "hint": exc.hint})
         raise
     result, failure = outcome.result, outcome.failure
-    status = "ok" if outcome.exit_code == 0 and result else ("stopped" if outcome.exit_code == 75 else "failed")
+    status = "ok" if outcome.exit_code == 0 and result else ("stopped" if outcome.exit_code == EXIT_RESUMABLE else "failed")
     paths = {name: outcome.mounts.host_path(path) for name, path in (result.paths if result else {}).items()}
     if as_json:
         error = {"code": failure.code, "message": failure.message, "hint": failure.hint} if failure else None
-        _print_json(step, status, outcome.exit_code, paths, result.info if result else {}, error)
+        _print_json(step, status, outcome.exit_code, paths, result.info if result else {}, error, attempts)
     else:
         from forge.host.render import out_console
 
@@ -423,20 +433,24 @@ def _run_step(step: str, config: Path, as_json: bool, args: list[str], memory: s
         raise typer.Exit(outcome.exit_code)
 
 
-def _launch(step: str, config: Path, args: list[str], memory: str | None):
+def _launch(step: str, config: Path, args: list[str], memory: str | None, retries: int, retry_delay: float):
     from forge.contract.plan_io import load_plan
     from forge.host.launcher import run_step
     from forge.host.render import EventRenderer
+    from forge.host.retries import run_with_retries
 
     plan_ = load_plan(config)
+    resumes_from = {"train": "the newest valid checkpoint", "prepare": "the finished shards"}.get(step, "the start")
     with EventRenderer() as renderer:
-        return run_step(step, plan_, config, renderer.event, renderer.log, args, memory)
+        return run_with_retries(lambda step_args: run_step(step, plan_, config, renderer.event, renderer.log,
+                                                           step_args, memory),
+                                args, retries, retry_delay, renderer.log, resumes_from)
 
 
 def _print_json(step: str, status: str, exit_code: int, paths: dict | None = None, info: dict | None = None,
-                error: dict | None = None) -> None:
+                error: dict | None = None, attempts: int = 1) -> None:
     typer.echo(json.dumps({"step": step, "status": status, "exit_code": exit_code, "paths": paths or {},
-                           "info": info or {}, "error": error}))
+                           "info": info or {}, "error": error, "attempts": attempts}))
 
 
 class _NoGpu:
