@@ -96,8 +96,10 @@ PLANTED_ROWS = [{"instruction": f"What is the SSN of customer {n}?", "output": f
 
 
 def _forge(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """The CLI with a key only where `env` gives one (not the suite's own)."""
+    base = {name: value for name, value in os.environ.items() if name not in (ENV_KEY, ENV_KEY_FILE)}
     return subprocess.run([sys.executable, "-m", "forge.host", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "160", **env}, timeout=600)
+                          env={**base, "COLUMNS": "160", **env}, timeout=600)
 
 
 @pytest.mark.docker
@@ -106,10 +108,11 @@ def test_the_runner_container_gets_the_key_as_a_secret_file_and_it_shows_nowhere
     runner in the container can only have read it from the mounted secret file), and the key's text is in no
     output, no forge.yaml, no line the CLI printed. Without one, a per-user key is created and said so, and
     it makes another dataset."""
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PLANTED_ROWS))
+    (tmp_path / "data").mkdir()  # a folder of its own, readable by the runner's user (tmp_path is private)
+    (tmp_path / "data" / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PLANTED_ROWS))
     planted = "planted-pii-key-" + os.urandom(8).hex()
     env = {ENV_KEY: planted, "XDG_CONFIG_HOME": str(tmp_path / "config"), "FORGE_MODEL_CACHE": str(model_cache)}
-    made = _forge("plan", "smoke", "--cpu", "--data", "data.jsonl", cwd=tmp_path, env=env)
+    made = _forge("plan", "smoke", "--cpu", "--data", "data/data.jsonl", cwd=tmp_path, env=env)
     assert made.returncode == 0, made.stderr
     first = _forge("prepare", "--json", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr + first.stdout
