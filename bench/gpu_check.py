@@ -59,6 +59,7 @@ FAMILIES = {"smollm2": "llama", "llama": "llama", "qwen2.5": "qwen2", "mistral":
             "gemma-2": "gemma2", "phi-3": "phi3"}
 MIB = 2**20
 GIB = 2**30
+BACKEND = "transformers"  # what this check trains with (PEFT + TRL's SFTTrainer): the estimate for that backend
 SMALL = 2e9  # parameters: shapes up to this get the small emulated card, 3 grid micro-batches and 4-bit points
 
 
@@ -559,7 +560,8 @@ def _estimate(check: Check, shaped: Shaped, plan, seq: int, micro: int, checkpoi
     return estimate(shaped.shape, dtype=t.dtype, quantization=t.quantization, targets=t.lora.target_modules,
                     rank=t.lora.r, seq_len=seq, micro_batch=micro,
                     checkpointing=t.gradient_checkpointing if checkpointing is None else checkpointing,
-                    accelerator="cuda" if check.cuda else "cpu").total / MIB
+                    accelerator="cuda" if check.cuda else "cpu", backend=BACKEND,
+                    lora_dropout=t.lora.dropout).total / MIB
 
 
 def largest_fit(check: Check, shaped: Shaped, base_plan, hardware, seq: int, points: list[dict]) -> dict:
@@ -573,7 +575,8 @@ def largest_fit(check: Check, shaped: Shaped, base_plan, hardware, seq: int, poi
     card = hardware.model_copy(update={"gpus": [gpu]})
     t = base_plan.train
     sizing = planner.size_batches(shaped.shape, card, seq, planner.MAX_MICRO_BATCH, t.dtype,
-                                  list(shaped.entry.lora_targets), t.lora.r, "none")
+                                  list(shaped.entry.lora_targets), t.lora.r, "none", backend=BACKEND,
+                                  lora_dropout=t.lora.dropout)
     budget, _ = planner.memory_budget(card)
     cap = budget - check.report["cuda_context_mib"] * MIB
     fit = {"model": shaped.name, "seq": seq, "card_gib": card_mib // 1024, "budget_mib": budget / MIB,
@@ -729,7 +732,7 @@ def calibration(report: dict) -> dict:
     det = report["sections"].get("detection", {}).get("hardware", {})
     gpu = (det.get("gpus") or [{}])[0]
     lora = report.get("lora", {})
-    return {"device": gpu.get("name", "cpu"), "accelerator": report["device"], "backend": "transformers",
+    return {"device": gpu.get("name", "cpu"), "accelerator": report["device"], "backend": BACKEND,
             "memory_total_mib": gpu.get("memory_total_mib"), "cuda_context_mib": report.get("cuda_context_mib"),
             "rank": lora.get("r"), "lora_dropout": lora.get("dropout"), "environment": report["environment"],
             "command": report["command"],

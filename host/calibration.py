@@ -107,9 +107,8 @@ def _record(path: str, data: dict) -> Record:
     and `rank` apply to every point; `device` or `gpu` names the GPU. Points of models the catalog does not
     know are left out: there is no shape to estimate them from."""
     from forge.host import catalog
-    from forge.host.memory import Shape, estimate
 
-    accelerator = "cuda" if (data.get("accelerator") or data.get("device")) == "cuda" else "cpu"
+    accelerator = _accelerator(data)
     named = data.get("gpu")
     named = named.get("name") if isinstance(named, dict) else named
     device = named or (data.get("device") if data.get("device") not in (None, "cpu", "cuda") else None)
@@ -119,16 +118,35 @@ def _record(path: str, data: dict) -> Record:
         entry = catalog.models().get(p.get("model"))
         if p.get("measured_mb") is None or entry is None:
             continue
-        setting = Setting(accelerator, p.get("backend", data.get("backend", "transformers")),
-                          p.get("dtype", data.get("dtype", "bfloat16" if accelerator == "cuda" else "float32")),
-                          p["quantization"], bool(p["checkpointing"]))
-        planned = estimate(Shape.of(entry), dtype=setting.dtype, quantization=setting.quantization,
-                           targets=entry.lora_targets, rank=data.get("rank", 16), seq_len=p["seq"],
-                           micro_batch=p["micro"], checkpointing=setting.checkpointing, accelerator=accelerator,
-                           backend=setting.backend).total
-        points.append(Point(setting, planned / (p["measured_mb"] * 2**20)))
+        setting = setting_of(data, p)
+        points.append(Point(setting, point_estimate(data, p) / (p["measured_mb"] * 2**20)))
         models.add(p["model"])
     return Record(path, str(device), tuple(sorted(models)), tuple(points))
+
+
+def _accelerator(data: dict) -> str:
+    return "cuda" if (data.get("accelerator") or data.get("device")) == "cuda" else "cpu"
+
+
+def setting_of(data: dict, point: dict) -> Setting:
+    accelerator = _accelerator(data)
+    return Setting(accelerator, point.get("backend", data.get("backend", "transformers")),
+                   point.get("dtype", data.get("dtype", "bfloat16" if accelerator == "cuda" else "float32")),
+                   point["quantization"], bool(point["checkpointing"]))
+
+
+def point_estimate(data: dict, point: dict):
+    """The estimate, in bytes, for one measured point of a calibration file (its model from the catalog, the
+    file's LoRA rank and dropout: bench/calibrate_memory.py trains without dropout)."""
+    from forge.host import catalog
+    from forge.host.memory import Shape, estimate
+
+    entry, setting = catalog.models()[point["model"]], setting_of(data, point)
+    return estimate(Shape.of(entry), dtype=setting.dtype, quantization=setting.quantization,
+                    targets=entry.lora_targets, rank=data.get("rank", 16), seq_len=point["seq"],
+                    micro_batch=point["micro"], checkpointing=setting.checkpointing,
+                    accelerator=setting.accelerator, backend=setting.backend,
+                    lora_dropout=data.get("lora_dropout") or 0.0).total
 
 
 def basis(setting: Setting, term: str) -> Basis:

@@ -136,17 +136,27 @@ def detect(provider: GpuProvider | None = None, select: list[str] | None = None)
             f"{gpu.name} is {gpu.compute_capability}" for gpu in gpus
         ) + ")"
         return Hardware(accelerator="cpu", arch="cpu", note=f"CPU plan: {note}.", **common)
-    arch = arch_for(usable[0].compute_capability)
+    arch = _family(usable)
     same_arch = [gpu for gpu in usable if arch_for(gpu.compute_capability) == arch]
     first = same_arch[0]
     found = (f"{len(same_arch)}× {first.name} (compute capability {first.compute_capability}"
              + (", MIG slice" if first.mig else ""))
+    others = [gpu for gpu in usable if gpu not in same_arch]
+    if others:  # one image family per run: the other GPUs sit this one out
+        found += "; not used: " + ", ".join(f"{gpu.index}: {gpu.name}" for gpu in others)
     if report.target:
         note = (f"Planned for --target {report.target}: {found}, {first.memory_total_mib} MiB each, taken as idle) "
                 "from plans/gpus.yaml, not detected on this machine; CPUs and RAM are this machine's.")
     else:
         note = found + ")."
     return Hardware(accelerator="cuda", arch=arch, gpus=same_arch, note=note, target=report.target, **common)
+
+
+def _family(gpus: list[Gpu]) -> str:
+    """The image family a mixed box runs: that of its largest GPU (then the newest), since a run trains on one
+    family; a T4 at index 0 does not win over the RTX 4090 or H100 beside it. `--gpu` picks others."""
+    best = max(gpus, key=lambda gpu: (gpu.memory_total_mib, parse_version(gpu.compute_capability)))
+    return arch_for(best.compute_capability)
 
 
 def _selected(report: GpuReport, select: list[str]) -> list[Gpu]:

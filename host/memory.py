@@ -6,22 +6,28 @@ Some terms depend on the backend that trains (`backend`): transformers + PEFT (t
 without Unsloth), or Unsloth (the `auto` backend in the GPU images).
 
 - Weights: parameters × bytes of the dtype; 4-bit (NF4 with double quantization) is 4.127 bits per
-  parameter, 8-bit 1 byte plus a scale per row; embeddings and lm_head stay 16-bit (bitsandbytes skips them).
+  parameter, 8-bit 1 byte plus a scale per row; bitsandbytes skips embeddings and lm_head, which PEFT's
+  prepare_model_for_kbit_training then upcasts to float32 (Unsloth keeps them 16-bit).
 - LoRA: r × (in + out) parameters per adapted matrix per layer, trained in float32: weight, gradient
   and AdamW's two moments, 16 bytes each.
 - Activations, per token and layer (Korthikanti et al., 2022, "Reducing Activation Recomputation",
   with memory-efficient attention, so no sequence² term): what backward keeps of a block:
-  its normed inputs, q/k/v and the attention output, the MLP's up/gate products and their activation.
-  With gradient checkpointing only each layer's input is kept, plus the layer being recomputed and its
-  gradients. Unsloth's checkpointing moves each layer's input to pinned host RAM as soon as the layer has
+  its normed inputs, q/k/v and the attention output, the MLP's up/gate products and their activation,
+  and with LoRA dropout PEFT's dropped-out copy of each adapted module's input. With gradient
+  checkpointing only each layer's input is kept, plus the layer being recomputed and its gradients. Unsloth's checkpointing moves each layer's input to pinned host RAM as soon as the layer has
   run (unsloth_zoo's offloaded checkpointer), so the GPU keeps only its two staging buffers of one input.
-- Logits: transformers computes the model's own loss over the full logits: batch × sequence × vocab, and
+- Logits: on CPU the runner uses the model's own loss over the full logits: batch × sequence × vocab, and
   at the loss four float32 buffers as large (the upcast copy, the log-softmax, and the gradients of both).
+  On CUDA, TRL's SFTTrainer scores through its fused LM head (trl.kernels.chunked_logprob): lm_head and the
+  log-softmax in tiles of TRL_TILE_TOKENS × TRL_TILE_VOCAB, never the whole logits, plus the float32 gradient
+  of the hidden states it reads. The tile lives only while the head runs, so with checkpointing the peak is
+  the larger of the head's moment and a recomputed layer's backward, not their sum (measured on an H200).
   Unsloth's fused cross-entropy never builds them: it runs lm_head and the loss chunk by chunk, each chunk
   at most UNSLOTH_CE_CHUNK (16 bytes per token and vocabulary entry: bf16 logits, fp32 copy,
   log-softmax, gradient), plus the gradient of the final hidden states.
 - Overhead: the CUDA context, cuBLAS workspaces and allocator slack on a GPU; on CPU the Python process
-  with torch and transformers imported.
+  with torch and transformers imported. The GPU figures are the allocator's reserved peak, so activations
+  carry no further fragmentation slack there; on CPU they do (ALLOCATOR_SLACK).
 
 Which terms have been checked against measured peaks, and where, is forge.host.calibration's to say.
 """
@@ -36,11 +42,14 @@ QUANT_BYTES = {"4bit": 4.127 / 8, "8bit": 1.0 + 2 / 4096}
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 GPU_OVERHEAD = 0.9 * GIB  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces
 CPU_OVERHEAD = 363 * 2**20  # RSS of the CPU image's python after importing the training stack (measured)
-ALLOCATOR_SLACK = 1.10  # fragmentation of the caching allocator on activations
+ALLOCATOR_SLACK = {"cpu": 1.10, "cuda": 1.0}  # on activations; a GPU's reserved peak already holds the slack
 BACKENDS = ("transformers", "unsloth")
 UNSLOTH_CE_BYTES_PER_LOGIT = 16  # unsloth_zoo's _CE_BYTES_PER_LOGIT
 UNSLOTH_CE_CHUNK = 4 * GIB  # unsloth_zoo's per-chunk cap (_CE_CAP_MIN_GB; it also stays under half of what is free)
 UNSLOTH_OFFLOAD_BUFFERS = 2  # the offloaded checkpointer's double-buffered GPU staging of one layer's input
+TRL_TILE_TOKENS = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE (TRL 1.15)
+TRL_TILE_VOCAB = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+TRL_STATS_BYTES = 32  # per token: the fused head's float32 running statistics
 
 
 @dataclass(frozen=True)
@@ -110,21 +119,34 @@ def lora_params(shape: Shape, targets: list[str], rank: int) -> int:
     return shape.layers * per_layer
 
 
-def activation_bytes_per_token_layer(shape: Shape, dtype_bytes: int) -> float:
+def activation_bytes_per_token_layer(shape: Shape, dtype_bytes: int, targets: list[str] = (),
+                                     lora_dropout: float = 0.0) -> float:
     """Tensors a decoder block keeps for backward, per token (memory-efficient attention, transformers' code):
-    attention: the block input and its norm; q after RoPE; k and v expanded to every query head (repeat_kv)
-    as SDPA gets them; SDPA's output and the contiguous copy o_proj reads. MLP: input and norm; gate, its
-    SiLU, up, and their product (down_proj's input)."""
-    q = shape.heads * shape.head_dim
-    attention = 2 * shape.hidden + 5 * q
+    attention: the block input and its norm; q after RoPE; k and v as SDPA gets them (grouped-query
+    attention without repeating them per query head, `enable_gqa`); SDPA's output and the contiguous copy
+    o_proj reads. MLP: input and norm; gate, its SiLU, up, and their product (down_proj's input). With LoRA
+    dropout, each adapted module's input once more: PEFT's dropped-out copy that lora_A reads."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attention = 2 * shape.hidden + 3 * q + 2 * kv
     mlp = 2 * shape.hidden + 4 * shape.intermediate
-    return dtype_bytes * (attention + mlp) + shape.hidden  # + dropout/residual masks (1 byte)
+    dropped = sum(m[0] for name in targets if (m := shape.matrix(name))) if lora_dropout > 0 else 0
+    return dtype_bytes * (attention + mlp + dropped) + shape.hidden  # + dropout/residual masks (1 byte)
+
+
+def fused_head_bytes(shape: Shape, tokens: int, dtype_bytes: int, quantization: str) -> float:
+    """TRL's fused LM head at its peak: one tile of logits in the compute dtype (float32 under QLoRA, whose
+    lm_head PEFT upcasts), the float32 gradient of the hidden states and the per-token statistics."""
+    tile_bytes = 4 if quantization != "none" else dtype_bytes
+    return (min(tokens, TRL_TILE_TOKENS) * TRL_TILE_VOCAB * tile_bytes
+            + tokens * (4 * shape.hidden + TRL_STATS_BYTES))
 
 
 def estimate(shape: Shape, *, dtype: str, quantization: str, targets: list[str], rank: int, seq_len: int,
-             micro_batch: int, checkpointing: bool, accelerator: str, backend: str = "transformers") -> Breakdown:
-    """The peak for one setting. `backend` is what trains: "transformers" (+ PEFT, the model's own loss) or
-    "unsloth" (its offloaded checkpointing and chunked cross-entropy; CUDA only)."""
+             micro_batch: int, checkpointing: bool, accelerator: str, backend: str = "transformers",
+             lora_dropout: float = 0.0) -> Breakdown:
+    """The peak for one setting. `backend` is what trains: "transformers" (+ PEFT; the model's own loss on
+    CPU, TRL's fused LM head on CUDA) or "unsloth" (its offloaded checkpointing and chunked cross-entropy;
+    CUDA only)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     unsloth = backend == "unsloth"
@@ -133,21 +155,26 @@ def estimate(shape: Shape, *, dtype: str, quantization: str, targets: list[str],
     dtype_bytes = DTYPE_BYTES[dtype]
     if quantization == "none":
         weights = shape.params * dtype_bytes
-    else:
+    else:  # embeddings and lm_head stay unquantized: float32 after PEFT's k-bit preparation, 16-bit in Unsloth
         embeddings = shape.embedding_params
-        weights = (shape.params - embeddings) * QUANT_BYTES[quantization] + embeddings * 2
+        weights = (shape.params - embeddings) * QUANT_BYTES[quantization] + embeddings * (dtype_bytes if unsloth else 4)
     lora = lora_params(shape, targets, rank) * LORA_BYTES_PER_PARAM
     tokens = micro_batch * seq_len
-    per_layer = activation_bytes_per_token_layer(shape, dtype_bytes) * tokens
+    per_layer = activation_bytes_per_token_layer(shape, dtype_bytes, targets, lora_dropout) * tokens
     layer_input = tokens * shape.hidden * dtype_bytes
+    slack = ALLOCATOR_SLACK[accelerator]
+    fused = accelerator == "cuda" and not unsloth  # TRL's fused LM head
     if checkpointing:  # each layer's input kept (on the host with Unsloth); the layer being recomputed and its grads
         kept = UNSLOTH_OFFLOAD_BUFFERS * layer_input if unsloth else shape.layers * layer_input
-        activations = kept + 2 * per_layer
+        activations = (kept + 2 * per_layer) * slack
     else:
-        activations = shape.layers * per_layer
-    activations *= ALLOCATOR_SLACK
+        activations = shape.layers * per_layer * slack
     if unsloth:  # chunked lm_head + loss, and the gradient of the hidden states it reads
         logits = min(tokens * shape.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, UNSLOTH_CE_CHUNK) + layer_input
+    elif fused:
+        head = fused_head_bytes(shape, tokens, dtype_bytes, quantization)
+        # checkpointed: the head's moment (the kept inputs and the tile) or a layer's backward, whichever is larger
+        logits = max(0.0, kept + head - activations) if checkpointing else head
     else:
         logits = tokens * shape.vocab * (dtype_bytes + 4 * 4)  # logits; fp32 copy, log-softmax and two gradients
     overhead = GPU_OVERHEAD if accelerator == "cuda" else CPU_OVERHEAD

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge import __version__
-from forge.contract.compat import parse_version, supports_bf16
+from forge.contract.compat import UNSLOTH_MIN_CAPABILITY, parse_version, supports_bf16
 from forge.contract.plan import (
     DataSpec,
     Hardware,
@@ -42,7 +42,6 @@ MAX_MICRO_BATCH = 64
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Unsloth sends attention through xformers whenever it imports, and the images' xformers (0.0.34,
 # images/requirements-cuda.txt) has code for sm_75, sm_80 and sm_90 only: below 7.5 (V100) it cannot run.
-UNSLOTH_MIN_CAPABILITY = (7, 5)
 
 
 def image_name(arch: str) -> str:
@@ -74,7 +73,8 @@ def build_plan(goal: str, model: str, data: list[str], hardware: Hardware, plan_
                           "(not in plans/lora_targets.yaml: the usual attention names; check them)."))
     shape = catalog.shape_of(entry, source)
     sizing = size_batches(shape, hardware, preset.prepare.max_length, preset.train.effective_batch, dtype,
-                          targets, preset.lora.r, quantization, backend=resolved_backend(backend, hardware))
+                          targets, preset.lora.r, quantization, backend=resolved_backend(backend, hardware),
+                          lora_dropout=preset.lora.dropout)
     reasons.extend(sizing.reasons)
     reasons.append("Attention: PyTorch SDPA (memory-efficient kernels, no sequence² memory, on every image); "
                    + ("flash-attn 2 has no kernels for this GPU (it needs compute capability 8.0)."
@@ -172,7 +172,7 @@ def memory_budget(hardware: Hardware) -> tuple[float, str]:
 
 def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effective: int, dtype: str,
                  targets: list[str], rank: int, quantization: str = "auto", *,
-                 backend: str = "transformers") -> Sizing:
+                 backend: str = "transformers", lora_dropout: float = 0.0) -> Sizing:
     """Quantization, checkpointing and the largest micro-batch (any size, up to the effective batch and
     MAX_MICRO_BATCH) whose estimate for `backend` fits the budget; accumulation to reach the effective batch."""
     cuda = hardware.accelerator == "cuda"
@@ -183,7 +183,7 @@ def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effectiv
         return Sizing(1, effective, "none" if quantization == "auto" else quantization, False,
                       [f"Unknown architecture: micro-batch 1 × {effective} accumulation steps (safe default)."])
     budget, where = memory_budget(hardware)
-    peak = _estimator(shape, hardware, dtype, targets, rank, seq_len, backend)
+    peak = _estimator(shape, hardware, dtype, targets, rank, seq_len, backend, lora_dropout)
     reasons = []
     if quantization == "auto":
         quantization = "none"
@@ -201,14 +201,14 @@ def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effectiv
     limit = min(effective, MAX_MICRO_BATCH)
     checkpointing = peak(quantization, min(4, limit), False).total > budget
     micro = largest_fitting(lambda m: peak(quantization, m, checkpointing).total <= budget, limit)
-    accumulation = -(-effective // micro)
+    accumulation = nearest_accumulation(effective, micro)
     chosen = peak(quantization, micro, checkpointing)
     why_micro = ("the largest whose estimate fits" if micro < limit else
                  "the preset's effective batch" if limit == effective else f"Forge's cap ({MAX_MICRO_BATCH})")
     reasons.append(
         f"Micro-batch {micro} ({why_micro}) × {accumulation} accumulation = {micro * accumulation} sequences per "
         + ("step, the preset's effective batch" if micro * accumulation == effective else
-           f"step: the nearest to the preset's {effective} that micro-batch {micro} reaches")
+           f"step: the nearest to the preset's {effective} in whole micro-batches of {micro}")
         + f". An estimated {chosen.total / GIB:.2f} GiB peak at {seq_len} tokens fits {where}"
         + (" with gradient checkpointing (without it a few sequences would not)." if checkpointing else ".")
         + " `forge plan --explain` shows the breakdown."
@@ -218,6 +218,12 @@ def size_batches(shape: Shape | None, hardware: Hardware, seq_len: int, effectiv
         reasons.append(f"Unsloth's checkpointing keeps every layer's input in pinned host RAM: {host / GIB:.1f} GiB "
                        "at this micro-batch, outside the GPU estimate.")
     return Sizing(micro, accumulation, quantization, checkpointing, reasons)
+
+
+def nearest_accumulation(effective: int, micro: int) -> int:
+    """Accumulation steps whose micro-batches come nearest the effective batch (ties above), at least one: a card
+    that fits 15 of a preset's 16 trains 15 per step, not 30."""
+    return max(1, (2 * effective + micro) // (2 * micro))
 
 
 def largest_fitting(fits, limit: int) -> int:
@@ -233,13 +239,13 @@ def largest_fitting(fits, limit: int) -> int:
 
 
 def _estimator(shape: Shape, hardware: Hardware, dtype: str, targets: list[str], rank: int, seq_len: int,
-               backend: str = "transformers"):
+               backend: str = "transformers", lora_dropout: float = 0.0):
     """`peak(quantization, micro_batch, checkpointing)`: the estimate for one model, machine, backend and LoRA."""
 
     def peak(quantization: str, micro: int, checkpointing: bool) -> Breakdown:
         return estimate(shape, dtype=dtype, quantization=quantization, targets=targets, rank=rank, seq_len=seq_len,
                         micro_batch=micro, checkpointing=checkpointing, accelerator=hardware.accelerator,
-                        backend=backend)
+                        backend=backend, lora_dropout=lora_dropout)
 
     return peak
 
@@ -254,7 +260,7 @@ def _plan_estimator(plan: Plan):
         return None
     t = plan.train
     return _estimator(shape, plan.hardware, t.dtype, t.lora.target_modules, t.lora.r, plan.prepare.max_length,
-                      resolved_backend(t.backend, plan.hardware))
+                      resolved_backend(t.backend, plan.hardware), t.lora.dropout)
 
 
 def planned_peak(plan: Plan) -> Breakdown | None:

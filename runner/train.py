@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from forge.contract.compat import UNSLOTH_MIN_CAPABILITY
 from forge.contract.plan import Plan
 from forge.contract.plan_io import atomic_write_text, dump_plan
 from forge.errors import ConfigError, DataError
@@ -121,11 +122,18 @@ def _setup_model(plan: Plan, model_dir: Path, cuda: bool):
 
 
 def _backend(wanted: str, cuda: bool) -> str:
+    """Unsloth where `auto` allows it: a CUDA image that has it, on a GPU its attention (xformers) has code for
+    (not a V100), the rule the planner applies too."""
     import importlib.util
 
-    has_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
+    import torch
+
+    has_unsloth = (cuda and importlib.util.find_spec("unsloth") is not None
+                   and min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+                   >= UNSLOTH_MIN_CAPABILITY)
     if wanted == "unsloth" and not has_unsloth:
-        raise ConfigError("train.backend unsloth needs a CUDA GPU and an image with Unsloth (the GPU images).",
+        raise ConfigError("train.backend unsloth needs a CUDA GPU of compute capability 7.5 or newer and an image "
+                          "with Unsloth (the GPU images).",
                           "Set train.backend: auto (Unsloth where it can run, transformers + PEFT elsewhere).")
     return "unsloth" if wanted == "unsloth" or (wanted == "auto" and has_unsloth) else "transformers"
 

@@ -62,11 +62,14 @@ def test_no_driver_gives_a_cpu_plan_with_the_reason():
     assert hardware.cpu_count >= 1 and hardware.ram_total_mib > 0
 
 
-def test_mixed_box_plans_for_the_first_usable_family_only():
-    rtx4090, l4, h100 = (GPUS[name] for name in ("NVIDIA GeForce RTX 4090", "NVIDIA L4", "NVIDIA H100 80GB HBM3"))
+def test_mixed_box_plans_for_the_family_of_its_largest_gpu():
+    rtx4090, l4, h100, t4 = (GPUS[name] for name in ("NVIDIA GeForce RTX 4090", "NVIDIA L4", "NVIDIA H100 80GB HBM3",
+                                                     "Tesla T4"))
     hardware = detect(Table(("Tesla P100-PCIE-16GB", "6.0", 16384), rtx4090, l4, h100))
-    assert hardware.arch == "ada"
-    assert [gpu.name for gpu in hardware.gpus] == ["NVIDIA GeForce RTX 4090", "NVIDIA L4"]
+    assert hardware.arch == "hopper" and [gpu.name for gpu in hardware.gpus] == ["NVIDIA H100 80GB HBM3"]
+    assert "not used: 1: NVIDIA GeForce RTX 4090, 2: NVIDIA L4" in hardware.note
+    hardware = detect(Table(t4, rtx4090, l4))  # a T4 first does not make the box a Turing box
+    assert hardware.arch == "ada" and [gpu.name for gpu in hardware.gpus] == ["NVIDIA GeForce RTX 4090", "NVIDIA L4"]
 
 
 def test_volta_and_turing_share_the_turing_family():

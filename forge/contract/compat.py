@@ -17,6 +17,7 @@ ARCH_CAPABILITIES = {"turing": ("7.0", "7.5"), "ampere": ("8.0", "8.6"), "ada": 
                      "blackwell": ("10.0", "12.0")}
 ARCHES = ("cpu", *ARCH_CAPABILITIES)
 BF16_MIN_CAPABILITY = (8, 0)
+UNSLOTH_MIN_CAPABILITY = (7, 5)  # Unsloth routes attention through xformers, whose pinned build starts at sm_75
 
 
 def parse_version(text: str) -> tuple[int, int]:
