@@ -6,12 +6,16 @@ it; every record that does not fit becomes a reject with a reason code, never a 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
+# Half of a UTF-16 pair alone: JSON may spell one ("\\ud800"), but it is no character, and no tokenizer or
+# UTF-8 file takes it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Invalid(ValueError):
@@ -101,7 +105,14 @@ def _tags(value: object) -> dict[str, str]:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, (str, int, float, bool)) for v in value.values()):
         raise Invalid("wrong_type", "'tags' must be an object of strings or numbers")
-    return {str(key): str(item) for key, item in value.items()}
+    tags = {str(key): str(item) for key, item in value.items()}
+    if any(not _is_text(text) for pair in tags.items() for text in pair):
+        raise Invalid("invalid_unicode", "a tag holds an unpaired UTF-16 surrogate (a \\ud800-style escape)")
+    return tags
+
+
+def _is_text(text: str) -> bool:
+    return text.isascii() or not _LONE_SURROGATE.search(text)  # isascii() is O(1): most text costs nothing
 
 
 def checked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -109,6 +120,9 @@ def checked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     for index, message in enumerate(messages):
         if not message["content"].strip():
             raise Invalid("empty_turn", f"turn {index} ({message['role']}) is empty")
+        if not _is_text(message["content"]):
+            raise Invalid("invalid_unicode", f"turn {index} ({message['role']}) holds an unpaired UTF-16 surrogate "
+                                             "(a \\ud800-style escape), which is not a character")
     if any(m["role"] == "system" for m in messages[1:]):
         raise Invalid("bad_role_order", "a system message may only come first")
     turns = [m["role"] for m in messages if m["role"] != "system"]
