@@ -9,9 +9,13 @@ import traceback
 import warnings
 from pathlib import Path
 
-from forge.contract import paths
-from forge.errors import DataError, ForgeError
-from forge.runner import emit, stop
+from forge.runner import threads
+
+threads.configure()  # before anything loads torch, MKL or OpenMP: they read the sizes once, when they load
+
+from forge.contract import paths  # noqa: E402
+from forge.errors import DataError, ForgeError  # noqa: E402
+from forge.runner import emit, stop  # noqa: E402
 
 # Bitwise-reproducible CPU math (MKL's strict CNR mode). Otherwise MKL picks code paths by its inputs' memory
 # alignment, which differs between a resumed process and the run it resumes; Adam amplifies those last-bit
