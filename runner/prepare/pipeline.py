@@ -163,7 +163,12 @@ def _run_shards(plan: Plan, model_dir: Path, work_dir: Path, db: sqlite3.Connect
         advance(0, force=True)  # the last update, with the total
         progress.summary = {"rows": totals.rows_in, "workers": workers, **_rates(totals.rows_in, started, totals)}
     if not totals.kept:
-        raise DataError(f"No usable rows: all {totals.rows_in} were rejected, duplicates or dropped.",
+        names = ", ".join(Path(spec.path).name for spec in plan.data.inputs)
+        if not totals.rows_in:
+            raise DataError(f"No rows in {names}: nothing but blank lines, an empty array or a header.",
+                            "Check that it holds what you meant to give: an empty export, or a download cut "
+                            "short before its first line, reads as empty.")
+        raise DataError(f"No usable rows in {names}: all {totals.rows_in} were rejected, duplicates or dropped.",
                         "See rejects.jsonl and the stats in the partial output for each row's reason.")
     return totals
 
