@@ -1,13 +1,18 @@
 """The runner's CPU threads: as many as the CPUs it really gets, and asleep, not spinning, when idle.
 
 Without this, torch's OpenMP (and the MKL under it, which uses the same GNU OpenMP runtime) sizes its pool
-by the affinity mask alone, not by a container's CPU quota, and each idle thread spins for a while before it
-sleeps. Alone that costs nothing; beside busy processes on a small machine the spinning threads take the CPU
-from the ones doing the work, at every parallel region: a 2-thread matmul loop took 4x its alone time beside
-two busy loops, 1.6x with OMP_WAIT_POLICY=PASSIVE (fair share: 2x). Figures: bench/cpu_threads.py.
+by the affinity mask alone, not by a container's CPU quota, and each idle thread spins (GOMP_SPINCOUNT
+300000, a few ms) before it sleeps, at every parallel region. Beside busy processes on a small machine the
+spinning threads take the CPU from the ones doing the work. Measured with bench/cpu_threads.py on 2 shared
+cores (SmolLM2-135M, 4 x 256-token rows a step, median seconds per step): beside 2 busy loops 7.3 s with the
+defaults, 4.3 s with PASSIVE (fair share: about 3.4); with the machine otherwise loaded (load 5.4) 16.9 s
+and 5.1 s. The price is a wake-up per parallel region on an idle machine: 2.06 s a step instead of 1.70
+(a short spin, GOMP_SPINCOUNT=10000, kept 1.75 alone but gave 4.9 beside the busy loops). PASSIVE is the
+standard setting every OpenMP runtime reads, and it bounds the worst case where CPU training mostly runs:
+CI and laptops that are doing other things.
 
 `configure()` must run before torch, MKL, OpenMP or a tokenizer is loaded: they read these variables once,
-when they initialise. So the runner calls it first thing (forge/runner/__main__.py), and forked prepare
+when they initialise. So the runner calls it first thing (forge.runner.__main__), and forked prepare
 workers inherit it.
 """
 
