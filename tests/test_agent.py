@@ -30,6 +30,9 @@ from tests.test_detect import Table
 pytestmark = pytest.mark.docker
 
 TOTAL_STEPS = 30
+# Only for a hang: these waits are for events, and beside busy neighbours on 2 cores a job may take many times
+# as long as alone.
+SAFETY_NET_S = 3600
 
 
 def cli(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.Popen:
@@ -122,12 +125,12 @@ def test_a_killed_agents_job_is_resumed_by_another_and_finishes_once(plan_dir, p
     watcher.start()
     first = agent_process(postgres_url, "first")
     try:
-        wait_until(lambda: max(train_steps(store, job_id).get(1, [0])) >= 7, 300, "step 7 on the first agent", first, store, job_id)
+        wait_until(lambda: max(train_steps(store, job_id).get(1, [0])) >= 7, SAFETY_NET_S, "step 7 on the first agent", first, store, job_id)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     second = agent_process(postgres_url, "second", "--once")
-    out, err = second.communicate(timeout=400)
+    out, err = second.communicate(timeout=SAFETY_NET_S)
     watcher.done.set()
     watcher.join()
     assert second.returncode == 0, err
@@ -179,7 +182,7 @@ def test_jobs_land_on_the_agent_whose_hardware_fits(tmp_path, postgres_url, engi
     for thread in threads:
         thread.start()
     try:
-        wait_until(lambda: store.get(jobs["cpu"]).final and store.get(jobs["ada"]).final, 300, "both jobs to end")
+        wait_until(lambda: store.get(jobs["cpu"]).final and store.get(jobs["ada"]).final, SAFETY_NET_S, "both jobs to end")
         time.sleep(1)  # several more polls: nobody takes the Hopper job
         shown = cli("jobs", "show", jobs["hopper"], "--queue", postgres_url)
         out, err = shown.communicate(timeout=60)
@@ -207,10 +210,10 @@ def test_cancel_stops_a_running_job_gracefully(plan_dir, tmp_path, engine):
     job_id = submit(url, plan_dir / "forge.yaml", "--step", "train", "--max-restarts", "5")
     subprocess.run([sys.executable, "-m", "forge.host", "prepare"], cwd=plan_dir, check=True, capture_output=True)
     agent = agent_process(url, "solo", "--once")
-    wait_until(lambda: max(train_steps(store, job_id).get(1, [0])) >= 2, 300, "step 2", agent, store, job_id)
+    wait_until(lambda: max(train_steps(store, job_id).get(1, [0])) >= 2, SAFETY_NET_S, "step 2", agent, store, job_id)
     cancelled = cli("jobs", "cancel", job_id, "--queue", url)
     assert cancelled.wait(60) == 0 and "cancel requested" in cancelled.stdout.read()
-    out, err = agent.communicate(timeout=200)
+    out, err = agent.communicate(timeout=SAFETY_NET_S)
     assert agent.returncode == 75, err  # stopped on request, state saved
     job = store.get(job_id)
     assert (job.state, job.exit_code, job.attempts) == ("cancelled", 75, 1)  # not retried
@@ -232,8 +235,8 @@ def test_the_github_actions_example_submits_and_follows_a_smoke_job(tmp_path, en
     agent = subprocess.Popen([sys.executable, "-m", "forge.host", "agent", "--cpu", "--once", "--poll", "0.3"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     script = subprocess.run(["bash", str(REPO / "examples" / "github-actions" / "submit-smoke.sh"),
-                             str(tmp_path / "shared" / "run-1")], env=env, capture_output=True, text=True, timeout=600)
-    agent_out, agent_err = agent.communicate(timeout=120)
+                             str(tmp_path / "shared" / "run-1")], env=env, capture_output=True, text=True, timeout=SAFETY_NET_S)
+    agent_out, agent_err = agent.communicate(timeout=SAFETY_NET_S)
     assert script.returncode == 0, script.stdout + script.stderr
     assert agent.returncode == 0, agent_err
     assert "succeeded" in script.stdout and "train" in script.stderr  # the followed progress
@@ -264,7 +267,7 @@ def test_an_agent_that_loses_its_lease_kills_its_runner(tmp_path, engine):
         assert store.requeue_expired() == [(job.id, "queued")]
         assert store.claim("new", AGENTS["cpu box"], 60)[0].agent == "new"
         lease.start()
-        wait_until(lambda: (runner.reload(), runner.status)[1] == "exited", 10, "the runner to be killed")
+        wait_until(lambda: (runner.reload(), runner.status)[1] == "exited", 60, "the runner to be killed")
         lease.stop()
         assert lease.lost and runner.attrs["State"]["ExitCode"] == 137  # SIGKILL, not a graceful stop
         assert any("the lease is no longer this agent's" in line for line in said)

@@ -137,8 +137,9 @@ def test_priority_first_then_submission_order(queue_url):
 def test_an_expired_lease_requeues_the_job_until_restarts_run_out(queue_url):
     store = open_store(queue_url)
     job = submit(store, Requirements(accelerator="cpu", arch="cpu"), max_restarts=1)
-    _, token = store.claim("a", AGENTS["cpu box"], 0.3)
+    _, token = store.claim("a", AGENTS["cpu box"], 60)  # long: a stalled machine must not expire it before the check
     assert store.requeue_expired() == []  # not yet
+    assert store.renew(job.id, token, 0.3) is False  # still a's (and not cancelled); now ending in 0.3 s
     time.sleep(0.5)
     assert store.requeue_expired() == [(job.id, "queued")]
     assert store.renew(job.id, token, 60) is None  # agent a lost it: its heartbeat says so ...
